@@ -1,0 +1,107 @@
+"""Parameter <-> block bookkeeping (SPEC 2.1): pure functions over shapes and tensors.
+
+A parameter is reshaped to its *merged shape* (size-1 dimensions squeezed, adjacent
+dimensions merged while their product stays <= ``block_size``), then cut into blocks:
+every merged dimension of size at most ``max_preconditioned_dim`` but above
+``block_size`` is split into chunks of ``block_size``; a dimension above
+``max_preconditioned_dim`` is left whole and gets no Kronecker factor.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+def merged_shape(shape: Sequence[int], block_size: int) -> tuple[int, ...]:
+    """Squeezes size-1 dimensions, then merges adjacent ones left to right while the
+    product stays <= ``block_size``. ``(64, 3, 3, 3)`` with 1024 gives ``(576, 3)``."""
+    merged: list[int] = []
+    for size in shape:
+        if size == 1:
+            continue
+        if merged and merged[-1] * size <= block_size:
+            merged[-1] *= size
+        else:
+            merged.append(size)
+    return tuple(merged)
+
+
+def _chunks(size: int, block_size: int) -> tuple[int, ...]:
+    full, rest = divmod(size, block_size)
+    return (block_size,) * full + ((rest,) if rest else ())
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """How one parameter is cut into blocks.
+
+    Attributes:
+        param_shape: the parameter's shape.
+        merged_shape: the shape after squeezing and merging.
+        chunk_sizes: per merged dimension, the sizes of its chunks along that dimension.
+        preconditioned: per merged dimension, whether blocks get a factor for it.
+    """
+
+    param_shape: tuple[int, ...]
+    merged_shape: tuple[int, ...]
+    chunk_sizes: tuple[tuple[int, ...], ...]
+    preconditioned: tuple[bool, ...]
+
+    @property
+    def block_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes of the blocks, in row-major order over the chunk grid."""
+        return [tuple(c) for c in itertools.product(*self.chunk_sizes)]
+
+    @property
+    def num_blocks(self) -> int:
+        return math.prod(len(c) for c in self.chunk_sizes)
+
+    @property
+    def preconditioned_dims(self) -> tuple[int, ...]:
+        """Indices of the dimensions (of every block) that carry a factor."""
+        return tuple(i for i, p in enumerate(self.preconditioned) if p)
+
+
+def block_layout(shape: Sequence[int], block_size: int,
+                 max_preconditioned_dim: int) -> BlockLayout:
+    """The :class:`BlockLayout` of a parameter of ``shape``."""
+    if block_size < 1 or max_preconditioned_dim < 1:
+        raise ValueError("block_size and max_preconditioned_dim must be >= 1")
+    merged = merged_shape(shape, block_size)
+    preconditioned = tuple(size <= max_preconditioned_dim for size in merged)
+    chunk_sizes = tuple(_chunks(size, block_size) if pre else (size,)
+                        for size, pre in zip(merged, preconditioned))
+    return BlockLayout(tuple(shape), merged, chunk_sizes, preconditioned)
+
+
+def split_blocks(tensor: torch.Tensor, layout: BlockLayout) -> list[torch.Tensor]:
+    """The blocks of ``tensor`` (shaped ``layout.param_shape``), as views where the
+    tensor is contiguous, in the order of ``layout.block_shapes``."""
+    if tuple(tensor.shape) != layout.param_shape:
+        raise ValueError(f"tensor of shape {tuple(tensor.shape)} does not match the layout's "
+                         f"parameter shape {layout.param_shape}")
+    pieces = [tensor.reshape(layout.merged_shape)]
+    for dim, sizes in enumerate(layout.chunk_sizes):
+        if len(sizes) > 1:
+            pieces = [part for piece in pieces for part in torch.split(piece, sizes, dim=dim)]
+    return pieces
+
+
+def merge_blocks(blocks: Sequence[torch.Tensor], layout: BlockLayout) -> torch.Tensor:
+    """Inverse of :func:`split_blocks`: a new tensor shaped ``layout.param_shape``."""
+    if len(blocks) != layout.num_blocks:
+        raise ValueError(f"expected {layout.num_blocks} blocks, got {len(blocks)}")
+    pieces = list(blocks)
+    # Concatenate along the last split dimension first: row-major order makes the
+    # innermost groups consecutive.
+    for dim in reversed(range(len(layout.chunk_sizes))):
+        count = len(layout.chunk_sizes[dim])
+        if count > 1:
+            pieces = [torch.cat(pieces[i:i + count], dim=dim)
+                      for i in range(0, len(pieces), count)]
+    return pieces[0].reshape(layout.param_shape)

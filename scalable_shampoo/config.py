@@ -1,0 +1,192 @@
+"""Validated hyperparameters of the Shampoo optimizer (SPEC sections 2 and 3).
+
+Every field may also be set per parameter group, as in ``torch.optim``; each group's
+values are validated through :meth:`ShampooConfig.from_group` at construction and on
+every step (so a scheduler that writes a bad value is caught at once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+GRAFTING_METHODS = ("none", "sgd", "adagrad", "rmsprop", "adam")
+ROOT_METHODS = ("eigh", "newton")
+PRECONDITIONERS = ("shampoo",)
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+# Fields whose change after the first step would change the state's layout.
+STRUCTURAL_FIELDS = ("block_size", "max_preconditioned_dim", "factor_dtype", "grafting",
+                     "preconditioner")
+
+
+def _check_real(name: str, value: Any, low: float, high: float, *, low_open: bool = False,
+                high_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        hi = "inf" if math.isinf(high) else repr(high)
+        raise ValueError(f"{name} must be in {left}{low!r}, {hi}{right}, got {value!r}")
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices!r}, got {value!r}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ShampooConfig:
+    """Hyperparameters of one parameter group.
+
+    Attributes:
+        lr: step size, >= 0. Default 1e-3.
+        betas: ``(beta1, beta2)``. ``beta1`` in [0, 1) is the momentum EMA of the
+            update direction (0: no momentum); ``beta2`` in (0, 1] is the EMA of the
+            Kronecker factors, where 1 means the plain running sum (Adagrad-style).
+            Default (0.9, 0.999).
+        epsilon: > 0, added to every factor's eigenvalues (after clamping them at 0)
+            before the inverse root. Absolute, in units of squared gradient. Default 1e-12.
+        weight_decay: >= 0. Decoupled (AdamW-style, ``p -= lr * wd * p``) unless
+            ``decoupled_weight_decay=False``, then added to the gradient. Default 0.
+        block_size: >= 1. Adjacent dimensions are merged while their product stays
+            <= block_size, larger ones split into chunks of block_size. Default 1024.
+        max_preconditioned_dim: >= 1. A (merged) dimension above this gets no factor
+            (identity) and is not split; e.g. a large embedding vocabulary. Default 8192.
+        precondition_frequency: >= 1 steps between root recomputations. Default 100.
+        start_preconditioning_step: >= 1, the first step that uses (and computes)
+            roots; before it the grafting direction is used. None: equal to
+            ``precondition_frequency``.
+        statistics_frequency: >= 1; factors are updated at steps 1, 1+k, 1+2k, ...
+            Default 1.
+        grafting: one of "none", "sgd", "adagrad", "rmsprop", "adam": the first-order
+            method whose per-block step norm the Shampoo direction takes. Default "adam".
+        grafting_beta2: in (0, 1], second-moment EMA of rmsprop/adam grafting. Default 0.999.
+        grafting_epsilon: > 0, denominator guard of adagrad/rmsprop/adam grafting.
+            Default 1e-8.
+        root_method: "eigh" (symmetric eigendecomposition, the reference) or "newton"
+            (coupled Newton iteration, matmul only). Default "eigh".
+        root_dtype: torch.float32 or torch.float64, precision of root computations.
+            Default torch.float64.
+        factor_dtype: torch.float32 or torch.float64, storage of the factors.
+            Default torch.float32.
+        exponent_multiplier: > 0; a block with k preconditioned dimensions uses the
+            exponent ``exponent_multiplier / (2 k)``. Default 1.
+        nesterov: Nesterov momentum. Default False.
+        bias_correction: divide the momentum by ``1 - beta1^t``. Default True.
+        decoupled_weight_decay: see ``weight_decay``. Default True.
+        newton_max_iterations: >= 1, iteration cap of the Newton root. Default 100.
+        newton_tolerance: > 0, Newton stops once ``max|M - I|`` is below it. Default 1e-6.
+        root_failure_threshold: > 0; a root whose residual exceeds it is rejected and
+            the previous root stays in use. Default 0.1.
+        preconditioner: "shampoo" (inverse-root Kronecker preconditioner). Default "shampoo".
+    """
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    epsilon: float = 1e-12
+    weight_decay: float = 0.0
+    block_size: int = 1024
+    max_preconditioned_dim: int = 8192
+    precondition_frequency: int = 100
+    start_preconditioning_step: int | None = None
+    statistics_frequency: int = 1
+    grafting: str = "adam"
+    grafting_beta2: float = 0.999
+    grafting_epsilon: float = 1e-8
+    root_method: str = "eigh"
+    root_dtype: torch.dtype = torch.float64
+    factor_dtype: torch.dtype = torch.float32
+    exponent_multiplier: float = 1.0
+    nesterov: bool = False
+    bias_correction: bool = True
+    decoupled_weight_decay: bool = True
+    newton_max_iterations: int = 100
+    newton_tolerance: float = 1e-6
+    root_failure_threshold: float = 0.1
+    preconditioner: str = "shampoo"
+
+    def __post_init__(self) -> None:
+        _check_real("lr", self.lr, 0.0, math.inf)
+        betas = self.betas
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        _check_real("betas[0] (beta1)", betas[0], 0.0, 1.0, high_open=True)
+        _check_real("betas[1] (beta2)", betas[1], 0.0, 1.0, low_open=True)
+        object.__setattr__(self, "betas", (float(betas[0]), float(betas[1])))
+        _check_real("epsilon", self.epsilon, 0.0, math.inf, low_open=True)
+        _check_real("weight_decay", self.weight_decay, 0.0, math.inf)
+        _check_int("block_size", self.block_size, 1)
+        _check_int("max_preconditioned_dim", self.max_preconditioned_dim, 1)
+        _check_int("precondition_frequency", self.precondition_frequency, 1)
+        if self.start_preconditioning_step is not None:
+            _check_int("start_preconditioning_step", self.start_preconditioning_step, 1)
+        _check_int("statistics_frequency", self.statistics_frequency, 1)
+        _check_choice("grafting", self.grafting, GRAFTING_METHODS)
+        _check_real("grafting_beta2", self.grafting_beta2, 0.0, 1.0, low_open=True)
+        _check_real("grafting_epsilon", self.grafting_epsilon, 0.0, math.inf, low_open=True)
+        _check_choice("root_method", self.root_method, ROOT_METHODS)
+        _check_choice("root_dtype", self.root_dtype, FLOAT_DTYPES)
+        _check_choice("factor_dtype", self.factor_dtype, FLOAT_DTYPES)
+        _check_real("exponent_multiplier", self.exponent_multiplier, 0.0, math.inf,
+                    low_open=True)
+        _check_bool("nesterov", self.nesterov)
+        _check_bool("bias_correction", self.bias_correction)
+        _check_bool("decoupled_weight_decay", self.decoupled_weight_decay)
+        _check_int("newton_max_iterations", self.newton_max_iterations, 1)
+        _check_real("newton_tolerance", self.newton_tolerance, 0.0, math.inf, low_open=True)
+        _check_real("root_failure_threshold", self.root_failure_threshold, 0.0, math.inf,
+                    low_open=True)
+        _check_choice("preconditioner", self.preconditioner, PRECONDITIONERS)
+
+    @property
+    def preconditioning_start(self) -> int:
+        """The first step that uses roots (``start_preconditioning_step`` resolved)."""
+        if self.start_preconditioning_step is None:
+            return self.precondition_frequency
+        return self.start_preconditioning_step
+
+    def is_statistics_step(self, step: int) -> bool:
+        """Whether the factors are updated at ``step`` (1-based)."""
+        return (step - 1) % self.statistics_frequency == 0
+
+    def statistics_updates(self, step: int) -> int:
+        """How many factor updates have happened up to and including ``step``."""
+        return (step - 1) // self.statistics_frequency + 1
+
+    def is_root_step(self, step: int) -> bool:
+        """Whether roots are recomputed at ``step`` (1-based)."""
+        start = self.preconditioning_start
+        return step >= start and (step - start) % self.precondition_frequency == 0
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_group(cls, group: Mapping[str, Any]) -> "ShampooConfig":
+        """Validates and returns the hyperparameters of a ``param_groups`` entry."""
+        return cls(**{name: group[name] for name in cls.field_names() if name in group})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.field_names()}

@@ -1,0 +1,58 @@
+"""Layer-wise grafting (SPEC 2.4): the Shampoo direction takes, per block, the norm of
+a first-order method's direction. Functions work on stacked blocks ``(N, *shape)``.
+
+The grafting methods keep no first moment: momentum is applied once, to the grafted
+direction, by the optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def needs_state(method: str) -> bool:
+    """Whether ``method`` keeps a per-element second-moment accumulator."""
+    return method in ("adagrad", "rmsprop", "adam")
+
+
+def graft_direction_(method: str, grad: torch.Tensor, state: torch.Tensor | None, step: int,
+                     beta2: float, epsilon: float) -> torch.Tensor:
+    """The grafting direction ``A`` of ``grad``; updates ``state`` in place.
+
+    - "none", "sgd": ``A = g``.
+    - "adagrad": ``v += g^2``, ``A = g / (sqrt(v) + eps)`` (as ``torch.optim.Adagrad``).
+    - "rmsprop": ``v = b2 v + (1 - b2) g^2``, ``A = g / (sqrt(v) + eps)`` (``RMSprop``).
+    - "adam": as rmsprop with ``sqrt(v) / sqrt(1 - b2^step)`` (``Adam``, beta1 = 0).
+    """
+    if method in ("none", "sgd"):
+        return grad
+    assert state is not None, f"grafting {method!r} needs its accumulator"
+    if method == "adagrad":
+        state.addcmul_(grad, grad)
+        denom = state.sqrt().add_(epsilon)
+    elif method == "rmsprop":
+        state.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = state.sqrt().add_(epsilon)
+    elif method == "adam":
+        state.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        # Same operation order as torch.optim.Adam, so the two agree to the last bit.
+        denom = (state.sqrt() / math.sqrt(1 - beta2**step)).add_(epsilon)
+    else:
+        raise ValueError(f"unknown grafting method {method!r}")
+    return grad / denom
+
+
+def block_norms(blocks: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm of each block of ``(N, *shape)``, shape ``(N,)``."""
+    return torch.linalg.vector_norm(blocks.reshape(blocks.shape[0], -1), dim=1)
+
+
+def graft(direction: torch.Tensor, graft_direction: torch.Tensor) -> torch.Tensor:
+    """``direction * ||graft_direction|| / ||direction||`` per block (0 where the
+    direction is 0)."""
+    direction_norm = block_norms(direction)
+    scale = torch.where(direction_norm > 0, block_norms(graft_direction) / direction_norm,
+                        torch.zeros_like(direction_norm))
+    return direction * scale.view(-1, *([1] * (direction.dim() - 1)))

@@ -1,0 +1,158 @@
+"""Inverse p-th roots of symmetric positive semi-definite matrices (SPEC 2.3).
+
+All functions take a batch ``(..., n, n)`` and return ``(A + epsilon I)^(-exponent)``
+for every matrix of the batch, together with a per-matrix residual that says how far
+the computation can be trusted. They compute in the dtype of their input: callers
+cast to the root dtype (float64 by default) first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+
+# Newton handles exponent a/b by an iteration for the b-th root followed by the a-th
+# power; larger denominators converge too slowly to be worth it (use eigh).
+MAX_NEWTON_DENOMINATOR = 64
+
+
+@dataclass(frozen=True)
+class RootResult:
+    """Result of an inverse root.
+
+    Attributes:
+        root: ``(..., n, n)`` the inverse root, symmetric.
+        residual: ``(...)`` per-matrix error estimate. eigh: relative Frobenius error of
+            the eigendecomposition's reconstruction. newton: ``max|M - I|`` of the coupled
+            iteration (0 at the exact root). NaN where the computation failed.
+        iterations: Newton iterations run (0 for eigh).
+    """
+
+    root: torch.Tensor
+    residual: torch.Tensor
+    iterations: int
+
+
+def _symmetric(matrix: torch.Tensor) -> torch.Tensor:
+    return (matrix + matrix.mT) / 2
+
+
+def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched eigh that isolates failures: a matrix whose decomposition does not
+    converge gets NaN eigenvalues and vectors instead of failing the whole batch."""
+    try:
+        return torch.linalg.eigh(matrix)
+    except torch.linalg.LinAlgError:
+        if matrix.dim() == 2:
+            n = matrix.shape[-1]
+            nan = torch.full((n,), float("nan"), dtype=matrix.dtype, device=matrix.device)
+            return nan, torch.full_like(matrix, float("nan"))
+        flat = matrix.reshape(-1, *matrix.shape[-2:])
+        pairs = [_eigh(m) for m in flat]
+        values = torch.stack([p[0] for p in pairs]).reshape(matrix.shape[:-1])
+        vectors = torch.stack([p[1] for p in pairs]).reshape(matrix.shape)
+        return values, vectors
+
+
+def inverse_root_eigh(matrix: torch.Tensor, exponent: float,
+                      epsilon: float = 0.0) -> RootResult:
+    """``(A + epsilon I)^(-exponent)`` by symmetric eigendecomposition.
+
+    Eigenvalues are clamped at 0 (rounding can make a PSD matrix's smallest ones
+    slightly negative) before ``epsilon`` is added, so epsilon > 0 keeps rank-deficient
+    and zero matrices safe. ``exponent`` is any positive real number.
+    """
+    _check_root_args(matrix, exponent, epsilon)
+    sym = _symmetric(matrix)
+    values, vectors = _eigh(sym)
+    scaled = (values.clamp_min(0) + epsilon).pow(-exponent)
+    root = _symmetric((vectors * scaled.unsqueeze(-2)) @ vectors.mT)
+    reconstruction = (vectors * values.unsqueeze(-2)) @ vectors.mT
+    norm = torch.linalg.matrix_norm(sym).clamp_min(torch.finfo(sym.dtype).tiny)
+    residual = torch.linalg.matrix_norm(reconstruction - sym) / norm
+    return RootResult(root, residual, 0)
+
+
+def _as_fraction(exponent: float) -> Fraction:
+    fraction = Fraction(exponent).limit_denominator(MAX_NEWTON_DENOMINATOR)
+    if abs(float(fraction) - exponent) > 1e-12 * exponent:
+        raise ValueError(
+            f"exponent {exponent!r} is not a fraction a/b with b <= "
+            f"{MAX_NEWTON_DENOMINATOR}; the Newton root needs one (use root_method='eigh')")
+    return fraction
+
+
+def inverse_root_newton(matrix: torch.Tensor, exponent: float, epsilon: float = 0.0,
+                        max_iterations: int = 100, tolerance: float = 1e-6) -> RootResult:
+    """``(A + epsilon I)^(-exponent)`` by the coupled Newton iteration (matmul only).
+
+    With ``exponent = a / p``: scale so that the spectrum of ``M_0 = z A`` lies in
+    ``(0, (p + 1) / 2]`` (``z`` from an upper bound of the largest eigenvalue, the
+    smaller of the Frobenius and infinity norms), ``X_0 = z^(1/p) I``, then iterate
+    ``T = ((p + 1) I - M) / p``, ``X <- X T``, ``M <- T^p M``. ``M -> I`` and
+    ``X -> A^(-1/p)``; the result is ``X^a``. Each matrix of the batch stops once
+    ``max|M - I| < tolerance`` or its error grows (it keeps its best iterate), all
+    stop after ``max_iterations``.
+    """
+    _check_root_args(matrix, exponent, epsilon)
+    fraction = _as_fraction(exponent)
+    power, p = fraction.numerator, fraction.denominator
+    n = matrix.shape[-1]
+    identity = torch.eye(n, dtype=matrix.dtype, device=matrix.device)
+    a = _symmetric(matrix) + epsilon * identity
+    bound = torch.minimum(torch.linalg.matrix_norm(a),
+                          torch.linalg.matrix_norm(a, ord=float("inf")))
+    bound = torch.where(bound > 0, bound, torch.ones_like(bound))
+    z = ((1 + p) / (2 * bound))[..., None, None]
+    m = a * z
+    x = identity * z.pow(1.0 / p)
+
+    def error_of(mat: torch.Tensor) -> torch.Tensor:
+        return (mat - identity).abs().amax(dim=(-2, -1))
+
+    error = error_of(m)
+    best_x, best_error = x, error
+    running = error > tolerance
+    iterations = 0
+    while iterations < max_iterations and bool(running.any()):
+        t = ((p + 1) * identity - m) / p
+        m = torch.linalg.matrix_power(t, p) @ m
+        x = x @ t
+        iterations += 1
+        new_error = error_of(m)
+        better = running & (new_error < best_error)
+        best_x = torch.where(better[..., None, None], x, best_x)
+        best_error = torch.where(better, new_error, best_error)
+        # Like optax's Shampoo, tolerate a transient rise (the first steps can raise
+        # max|M - I| while the spectrum is pulled towards 1), not a sustained one.
+        running = running & (new_error > tolerance) & (new_error < 1.2 * error) \
+            & torch.isfinite(new_error)
+        error = new_error
+    root = best_x if power == 1 else torch.linalg.matrix_power(best_x, power)
+    residual = torch.where(torch.isfinite(best_error), best_error,
+                           torch.full_like(best_error, float("nan")))
+    return RootResult(_symmetric(root), residual, iterations)
+
+
+def inverse_root(matrix: torch.Tensor, exponent: float, epsilon: float = 0.0,
+                 method: str = "eigh", max_iterations: int = 100,
+                 tolerance: float = 1e-6) -> RootResult:
+    """``(A + epsilon I)^(-exponent)`` by ``method`` ("eigh" or "newton")."""
+    if method == "eigh":
+        return inverse_root_eigh(matrix, exponent, epsilon)
+    if method == "newton":
+        return inverse_root_newton(matrix, exponent, epsilon, max_iterations, tolerance)
+    raise ValueError(f"method must be 'eigh' or 'newton', got {method!r}")
+
+
+def _check_root_args(matrix: torch.Tensor, exponent: float, epsilon: float) -> None:
+    if matrix.dim() < 2 or matrix.shape[-1] != matrix.shape[-2]:
+        raise ValueError(f"matrix must have shape (..., n, n), got {tuple(matrix.shape)}")
+    if not matrix.is_floating_point():
+        raise TypeError(f"matrix must be a floating-point tensor, got {matrix.dtype}")
+    if not exponent > 0:
+        raise ValueError(f"exponent must be > 0, got {exponent!r}")
+    if not epsilon >= 0:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon!r}")

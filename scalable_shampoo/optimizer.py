@@ -1,0 +1,439 @@
+"""The :class:`Shampoo` optimizer: param groups, step orchestration, state dict.
+
+The math lives elsewhere: shapes and blocks in :mod:`.blocking`, roots in
+:mod:`.matrix_functions`, factor statistics and preconditioning of stacked blocks in
+:mod:`.preconditioner`, grafting in :mod:`.grafting`. This module decides, per step,
+which of those run on which blocks, and maps blocks back to parameters.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .blocking import BlockLayout, block_layout, merge_blocks, split_blocks
+from .config import STRUCTURAL_FIELDS, ShampooConfig
+from .grafting import graft, graft_direction_
+from .preconditioner import BlockStack, StackState
+
+STATE_FORMAT = "scalable_shampoo.shampoo/1"
+
+
+def momentum_direction_(momentum: torch.Tensor | None, direction: torch.Tensor,
+                        config: ShampooConfig, step: int) -> torch.Tensor:
+    """SPEC 2.5: ``m <- beta1 m + (1 - beta1) P``; returns ``m_hat`` or, with Nesterov,
+    ``beta1 m_hat + (1 - beta1) P``. ``beta1 == 0`` returns ``P``."""
+    beta1 = config.betas[0]
+    if beta1 == 0.0 or momentum is None:
+        return direction
+    momentum.mul_(beta1).add_(direction, alpha=1 - beta1)
+    correction = 1 - beta1**step if config.bias_correction else 1.0
+    if config.nesterov:
+        return torch.add(direction * (1 - beta1), momentum, alpha=beta1 / correction)
+    return momentum / correction if correction != 1.0 else momentum
+
+
+@dataclass
+class _GroupPlan:
+    """How one param group's parameters map onto block stacks.
+
+    Attributes:
+        layouts: per parameter, its block layout.
+        stacks: the group's block stacks.
+        locations: per parameter, per block, ``(stack index, row in the stack)``.
+        structure: the structural hyperparameters the plan was built with.
+        step: steps taken by the group.
+    """
+
+    layouts: list[BlockLayout]
+    stacks: list[BlockStack]
+    locations: list[list[tuple[int, int]]]
+    structure: tuple
+    step: int = 0
+
+
+def _structure(config: ShampooConfig) -> tuple:
+    return tuple(getattr(config, name) for name in STRUCTURAL_FIELDS)
+
+
+def _work_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    # Low-precision parameters keep their optimizer state and math in float32.
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+def _build_plan(params: list[torch.Tensor], config: ShampooConfig, batched: bool) -> _GroupPlan:
+    layouts, locations, stacks = [], [], []
+    index: dict[Any, int] = {}
+    for pi, param in enumerate(params):
+        layout = block_layout(param.shape, config.block_size, config.max_preconditioned_dim)
+        layouts.append(layout)
+        where = []
+        if param.numel() > 0:
+            for bi, shape in enumerate(layout.block_shapes):
+                key = ((shape, layout.preconditioned_dims, param.dtype, param.device)
+                       if batched else (pi, bi))
+                if key not in index:
+                    index[key] = len(stacks)
+                    stacks.append(BlockStack(shape, layout.preconditioned_dims, [],
+                                             _work_dtype(param.dtype), param.device, batched))
+                stack = stacks[index[key]]
+                where.append((index[key], len(stack.members)))
+                stack.members.append((pi, bi))
+        locations.append(where)
+    for stack in stacks:
+        stack.allocate(config)
+    return _GroupPlan(layouts, stacks, locations, _structure(config))
+
+
+class Shampoo(torch.optim.Optimizer):
+    """Shampoo: a Kronecker-factored preconditioner per (block of a) parameter.
+
+    See ``SPEC.md`` section 2 for the algorithm and :class:`ShampooConfig` for every
+    hyperparameter's meaning, range and default; each may also be set per param group.
+
+    Args:
+        params: parameters or param groups, as for any ``torch.optim`` optimizer.
+        foreach: stack equal-shape blocks and run batched kernels (default). False runs
+            one block at a time through the reference kernels: slow, for testing.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+                 lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 epsilon: float = 1e-12, weight_decay: float = 0.0, block_size: int = 1024,
+                 max_preconditioned_dim: int = 8192, precondition_frequency: int = 100,
+                 start_preconditioning_step: int | None = None,
+                 statistics_frequency: int = 1, grafting: str = "adam",
+                 grafting_beta2: float = 0.999, grafting_epsilon: float = 1e-8,
+                 root_method: str = "eigh", root_dtype: torch.dtype = torch.float64,
+                 factor_dtype: torch.dtype = torch.float32, exponent_multiplier: float = 1.0,
+                 nesterov: bool = False, bias_correction: bool = True,
+                 decoupled_weight_decay: bool = True, newton_max_iterations: int = 100,
+                 newton_tolerance: float = 1e-6, root_failure_threshold: float = 0.1,
+                 preconditioner: str = "shampoo", *, foreach: bool = True) -> None:
+        defaults = ShampooConfig(
+            lr=lr, betas=betas, epsilon=epsilon, weight_decay=weight_decay,
+            block_size=block_size, max_preconditioned_dim=max_preconditioned_dim,
+            precondition_frequency=precondition_frequency,
+            start_preconditioning_step=start_preconditioning_step,
+            statistics_frequency=statistics_frequency, grafting=grafting,
+            grafting_beta2=grafting_beta2, grafting_epsilon=grafting_epsilon,
+            root_method=root_method, root_dtype=root_dtype, factor_dtype=factor_dtype,
+            exponent_multiplier=exponent_multiplier, nesterov=nesterov,
+            bias_correction=bias_correction, decoupled_weight_decay=decoupled_weight_decay,
+            newton_max_iterations=newton_max_iterations, newton_tolerance=newton_tolerance,
+            root_failure_threshold=root_failure_threshold, preconditioner=preconditioner,
+        ).as_dict()
+        if not isinstance(foreach, bool):
+            raise ValueError(f"foreach must be True or False, got {foreach!r}")
+        self.foreach = foreach
+        self._plans: list[_GroupPlan | None] = []
+        self._counters = {"root_computations": 0, "root_failures": 0,
+                          "nonfinite_grad_skips": 0, "root_seconds": 0.0}
+        self._warned_nonfinite = False
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ param groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            ShampooConfig.from_group(group)
+            for param in group["params"]:
+                if not param.is_floating_point():
+                    raise TypeError(f"Shampoo optimizes real floating-point parameters, got "
+                                    f"a parameter of dtype {param.dtype}")
+        except (ValueError, TypeError):
+            self.param_groups.pop()
+            raise
+        self._plans.append(None)
+
+    def _plan(self, index: int, config: ShampooConfig) -> _GroupPlan:
+        params = self.param_groups[index]["params"]
+        plan = self._plans[index]
+        if plan is None:
+            plan = self._plans[index] = _build_plan(params, config, self.foreach)
+        elif plan.structure != _structure(config):
+            changed = [name for name, old, new in
+                       zip(STRUCTURAL_FIELDS, plan.structure, _structure(config)) if old != new]
+            raise ValueError(f"{', '.join(changed)} of param group {index} cannot change after "
+                             "the optimizer state was created")
+        elif len(plan.layouts) != len(params) or any(
+                layout.param_shape != tuple(p.shape) for layout, p in zip(plan.layouts, params)):
+            raise ValueError(f"the parameters of param group {index} changed after the "
+                             "optimizer state was created")
+        return plan
+
+    # -------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Performs one optimization step (SPEC 2.2-2.5) for every param group."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            self._step_group(index, group)
+        return loss
+
+    def _step_group(self, index: int, group: dict[str, Any]) -> None:
+        config = ShampooConfig.from_group(group)
+        plan = self._plan(index, config)
+        params = group["params"]
+        grads = [p.grad for p in params]
+        if all(g is None for g in grads):
+            return
+        for g in grads:
+            if g is not None and g.is_sparse:
+                raise RuntimeError("Shampoo does not support sparse gradients")
+        plan.step += 1
+        step = plan.step
+        if config.weight_decay and not config.decoupled_weight_decay:
+            grads = [None if g is None else g.add(p, alpha=config.weight_decay)
+                     for g, p in zip(grads, params)]
+        views = [split_blocks(g, layout) if g is not None and g.numel() > 0 else None
+                 for g, layout in zip(grads, plan.layouts)]
+
+        gathered = [self._gather(stack, views) for stack in plan.stacks]
+        skipped = self._skip_nonfinite(plan, gathered, step)
+
+        updates: dict[tuple[int, int], torch.Tensor] = {}
+        for stack, (rows, blocks) in zip(plan.stacks, gathered):
+            direction = self._stack_direction(stack, rows, blocks, config, step)
+            for row, update in zip(rows, direction if rows else ()):
+                updates[stack.members[row]] = update
+        self._apply(params, plan, views, skipped, updates, config)
+
+    @staticmethod
+    def _gather(stack: BlockStack, views: list) -> tuple[list[int], torch.Tensor | None]:
+        """The rows of ``stack`` whose parameters have a gradient, and those gradient
+        blocks stacked as ``(rows, *block_shape)`` in the work dtype."""
+        rows = [row for row, (pi, _) in enumerate(stack.members) if views[pi] is not None]
+        if not rows:
+            return rows, None
+        blocks = [views[stack.members[row][0]][stack.members[row][1]] for row in rows]
+        stacked = blocks[0].unsqueeze(0) if len(blocks) == 1 else torch.stack(blocks)
+        return rows, stacked.to(stack.work_dtype)
+
+    def _skip_nonfinite(self, plan: _GroupPlan, gathered: list, step: int) -> set[int]:
+        """Drops, in place, every block of a parameter whose gradient has NaN/Inf entries
+        (so no statistic, grafting or momentum state sees it); returns those parameters."""
+        bad: set[int] = set()
+        for stack, (rows, blocks) in zip(plan.stacks, gathered):
+            if blocks is None:
+                continue
+            finite = torch.isfinite(blocks).reshape(blocks.shape[0], -1).all(dim=1)
+            if not bool(finite.all()):
+                bad.update(stack.members[rows[j]][0] for j in (~finite).nonzero().flatten().tolist())
+        if not bad:
+            return bad
+        for i, (stack, (rows, blocks)) in enumerate(zip(plan.stacks, gathered)):
+            keep = [j for j, row in enumerate(rows) if stack.members[row][0] not in bad]
+            if len(keep) < len(rows):
+                kept = blocks[keep] if keep else None
+                gathered[i] = ([rows[j] for j in keep], kept)
+        self._counters["nonfinite_grad_skips"] += len(bad)
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(f"Shampoo: skipped {len(bad)} parameter(s) with NaN/Inf gradients at "
+                          f"step {step}; their state is untouched. Later skips are counted in "
+                          "metrics()['nonfinite_grad_skips'] without a warning.", RuntimeWarning,
+                          stacklevel=6)  # the caller of optimizer.step()
+        return bad
+
+    def _stack_direction(self, stack: BlockStack, rows: list[int], blocks: torch.Tensor | None,
+                         config: ShampooConfig, step: int) -> torch.Tensor | None:
+        """Statistics, roots, grafting and momentum for the active ``rows`` of a stack;
+        returns their update directions ``u`` (SPEC 2.2-2.5)."""
+        stack.ensure_buffers(config)
+        everyone = len(rows) == len(stack.members)
+        selection = None if everyone else torch.tensor(rows, dtype=torch.long)
+        state = stack.state if everyone else stack.state.select(selection)
+        if rows and stack.dims and config.is_statistics_step(step):
+            stack.update_statistics(state, blocks, config.betas[1])
+            if not everyone:
+                stack.state.assign(selection, state)
+        if stack.dims and config.is_root_step(step):
+            computed, rejected, seconds = stack.refresh_roots(config, step)
+            self._counters["root_computations"] += computed
+            self._counters["root_failures"] += rejected
+            self._counters["root_seconds"] += seconds
+            if not everyone:
+                state = stack.state.select(selection)
+        if not rows:
+            return None
+        direction = graft_direction_(config.grafting, blocks, state.graft, step,
+                                     config.grafting_beta2, config.grafting_epsilon)
+        if stack.dims and step >= config.preconditioning_start:
+            preconditioned = stack.precondition(state, blocks)
+            direction = (preconditioned if config.grafting == "none"
+                         else graft(preconditioned, direction))
+        update = momentum_direction_(state.momentum, direction, config, step)
+        if not everyone:
+            stack.state.assign(selection, state)
+        return update
+
+    @staticmethod
+    def _apply(params: list[torch.Tensor], plan: _GroupPlan, views: list, skipped: set[int],
+               updates: dict[tuple[int, int], torch.Tensor], config: ShampooConfig) -> None:
+        """``p <- p - lr * wd * p`` (decoupled) then ``p <- p - lr * u``."""
+        targets, deltas = [], []
+        for pi, param in enumerate(params):
+            if views[pi] is None or pi in skipped:
+                continue
+            layout = plan.layouts[pi]
+            blocks = [updates[(pi, bi)] for bi in range(layout.num_blocks)]
+            delta = (blocks[0].reshape(param.shape) if len(blocks) == 1
+                     else merge_blocks(blocks, layout))
+            targets.append(param)
+            deltas.append(delta.to(param.dtype))
+        if not targets:
+            return
+        if config.weight_decay and config.decoupled_weight_decay:
+            torch._foreach_mul_(targets, 1 - config.lr * config.weight_decay)
+        torch._foreach_add_(targets, deltas, alpha=-config.lr)
+
+    # ----------------------------------------------------------------------- metrics
+    def metrics(self) -> dict[str, float]:
+        """Flat diagnostics (SPEC 6). Counters are totals since construction:
+
+        - ``root_computations``: inverse roots computed (one per factor and refresh).
+        - ``root_failures``: roots rejected (NaN/Inf or residual above threshold); the
+          previous root stayed in use.
+        - ``nonfinite_grad_skips``: parameter updates skipped for NaN/Inf gradients.
+        - ``root_seconds``: wall time spent computing roots.
+        - ``root_residual_max``: largest residual among the roots in use.
+        - ``root_age_max``: steps since the oldest root in use was computed (0 before
+          the first root).
+        - ``state_bytes``: bytes of optimizer state tensors.
+        - ``step``, ``num_blocks``, ``num_block_stacks``.
+        """
+        plans = [p for p in self._plans if p is not None]
+        residual, age, state_bytes, blocks, stacks = 0.0, 0, 0, 0, 0
+        for plan in plans:
+            for stack in plan.stacks:
+                stacks += 1
+                blocks += len(stack.members)
+                state_bytes += sum(t.numel() * t.element_size() for t in stack.state.tensors())
+                record = stack.record
+                if record.computed_at.numel():
+                    residual = max(residual, float(record.residual.max()))
+                    computed = record.computed_at[record.computed_at > 0]
+                    if computed.numel():
+                        age = max(age, plan.step - int(computed.min()))
+        return {
+            "step": max((p.step for p in plans), default=0),
+            **{k: float(v) if k == "root_seconds" else int(v) for k, v in self._counters.items()},
+            "root_residual_max": residual, "root_age_max": age, "state_bytes": state_bytes,
+            "num_blocks": blocks, "num_block_stacks": stacks,
+        }
+
+    # -------------------------------------------------------------------- state dict
+    def state_dict(self) -> dict[str, Any]:
+        """The full state: per parameter (by index, as ``torch.optim``) its step and,
+        per block, the factors, roots in use, grafting and momentum state. Tensors are
+        copies."""
+        state, groups, offset = {}, [], 0
+        for gi, group in enumerate(self.param_groups):
+            count = len(group["params"])
+            groups.append({**{k: v for k, v in group.items() if k != "params"},
+                           "params": list(range(offset, offset + count))})
+            plan = self._plans[gi]
+            if plan is not None:
+                for pi in range(count):
+                    state[offset + pi] = {
+                        "step": plan.step,
+                        "blocks": [_block_state(plan.stacks[si], row)
+                                   for si, row in plan.locations[pi]]}
+            offset += count
+        return {"format": STATE_FORMAT, "state": state, "param_groups": groups,
+                "counters": dict(self._counters)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`'s output (hyperparameters included, as
+        ``torch.optim`` does). Raises ``ValueError`` for another format or a state that
+        does not fit these parameters."""
+        if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
+            found = state_dict.get("format") if isinstance(state_dict, dict) else None
+            raise ValueError(f"not a Shampoo state dict of format {STATE_FORMAT!r} "
+                             f"(found format {found!r})")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state dict has {len(saved_groups)} param groups, the optimizer "
+                             f"{len(self.param_groups)}")
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"param group {gi} has {len(group['params'])} parameters, the "
+                                 f"state dict {len(saved['params'])}")
+        configs = [ShampooConfig.from_group({**g, **s}) for g, s in
+                   zip(self.param_groups, saved_groups)]
+        plans = [_build_plan(group["params"], config, self.foreach)
+                 for group, config in zip(self.param_groups, configs)]
+        entries = state_dict["state"]
+        for plan, saved in zip(plans, saved_groups):
+            for pi, key in enumerate(saved["params"]):
+                entry = entries.get(key)
+                if entry is None:
+                    continue
+                plan.step = int(entry["step"])
+                if len(entry["blocks"]) != len(plan.locations[pi]):
+                    raise ValueError(f"parameter {key}: state has {len(entry['blocks'])} blocks, "
+                                     f"this optimizer {len(plan.locations[pi])} (block_size or "
+                                     "shapes differ)")
+                for bi, (si, row) in enumerate(plan.locations[pi]):
+                    _load_block_state(plan.stacks[si], row, entry["blocks"][bi],
+                                      f"parameter {key} block {bi}")
+        for group, saved in zip(self.param_groups, saved_groups):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        self._plans = plans
+        self._counters.update(state_dict.get("counters", {}))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim pickles only defaults/state/param_groups; ours lives beside them.
+        state = super().__getstate__()
+        state.update(foreach=self.foreach, _plans=self._plans, _counters=self._counters,
+                     _warned_nonfinite=self._warned_nonfinite)
+        return state
+
+
+def _block_state(stack: BlockStack, row: int) -> dict[str, Any]:
+    state, record = stack.state, stack.record
+    def copy(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[row].clone()
+    return {"factors": [f[row].clone() for f in state.factors],
+            "roots": [r[row].clone() for r in state.roots],
+            "graft": copy(state.graft), "momentum": copy(state.momentum),
+            "root_computed_at": record.computed_at[row].clone(),
+            "root_residual": record.residual[row].clone(),
+            "root_failures": record.failures[row].clone()}
+
+
+def _load_block_state(stack: BlockStack, row: int, saved: dict[str, Any], where: str) -> None:
+    def put(target: torch.Tensor, value: Any, name: str) -> None:
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(target.shape[1:]):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{where}: {name} has shape {shape}, expected "
+                             f"{tuple(target.shape[1:])}")
+        target[row].copy_(value)
+
+    state: StackState = stack.state
+    for name in ("factors", "roots"):
+        if len(saved[name]) != len(getattr(state, name)):
+            raise ValueError(f"{where}: {len(saved[name])} {name}, expected "
+                             f"{len(getattr(state, name))} (preconditioned dimensions differ)")
+    for i, (factor, root) in enumerate(zip(saved["factors"], saved["roots"])):
+        put(state.factors[i], factor, f"factor {i}")
+        put(state.roots[i], root, f"root {i}")
+    shape = (len(stack.members), *stack.block_shape)
+    for name in ("graft", "momentum"):
+        if saved[name] is not None:
+            if getattr(state, name) is None:
+                setattr(state, name, torch.zeros(shape, dtype=stack.work_dtype,
+                                                  device=stack.device))
+            put(getattr(state, name), saved[name], name)
+    for name, target in (("root_computed_at", stack.record.computed_at),
+                         ("root_residual", stack.record.residual),
+                         ("root_failures", stack.record.failures)):
+        put(target, saved[name], name)

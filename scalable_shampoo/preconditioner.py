@@ -1,0 +1,246 @@
+"""Kronecker-factor statistics and inverse roots for stacks of equal-shape blocks
+(SPEC 2.2-2.4).
+
+Blocks of one shape (and dtype and device) are stacked along a leading dimension, so
+one ``torch.bmm`` / batched ``eigh`` serves them all and the per-step Python work grows
+with the number of distinct block shapes, not with the number of blocks. The
+``*_reference`` kernels are the plain one-block formulation (``tensordot`` per
+dimension); the optimizer's for-loop mode runs them, and tests compare the two.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .config import ShampooConfig
+from .grafting import needs_state
+from .matrix_functions import RootResult, inverse_root
+
+
+# --------------------------------------------------------------------------- kernels
+def matricize(blocks: torch.Tensor, dim: int) -> torch.Tensor:
+    """``(N, *shape)`` -> ``(N, shape[dim], rest)``: each block unfolded along ``dim``."""
+    return blocks.movedim(dim + 1, 1).reshape(blocks.shape[0], blocks.shape[dim + 1], -1)
+
+
+def update_factors_(factors: Sequence[torch.Tensor], blocks: torch.Tensor,
+                    dims: Sequence[int], beta2: float) -> None:
+    """``S_i <- beta2 S_i + (1 - beta2) B_(i) B_(i)^T`` for each preconditioned ``dims[i]``
+    (``S_i += B_(i) B_(i)^T`` when ``beta2 == 1``); ``factors[i]`` is ``(N, d, d)``."""
+    for factor, dim in zip(factors, dims):
+        unfolded = matricize(blocks.to(factor.dtype), dim)
+        if beta2 == 1.0:
+            factor.baddbmm_(unfolded, unfolded.mT)
+        else:
+            factor.baddbmm_(unfolded, unfolded.mT, beta=beta2, alpha=1 - beta2)
+
+
+def precondition(blocks: torch.Tensor, roots: dict[int, torch.Tensor]) -> torch.Tensor:
+    """``B x_1 Q_1 x_2 Q_2 ...`` for stacked blocks ``(N, *shape)``; ``roots[dim]`` is
+    ``(N, d, d)`` and symmetric, dimensions without a root are left as they are.
+
+    Each pass contracts the leading block dimension with its root and moves it last, so
+    after one pass per dimension the order is restored and every product is a ``bmm``
+    on a free reshape (for a matrix: ``(Q_L B)^T = B^T Q_L``, then ``(Q_L B) Q_R``).
+    """
+    if not roots:
+        return blocks
+    n, shape = blocks.shape[0], blocks.shape[1:]
+    x = blocks
+    for dim in range(len(shape)):
+        size = x.shape[1]
+        unfolded = x.reshape(n, size, -1)
+        root = roots.get(dim)
+        rotated = unfolded.mT.contiguous() if root is None else torch.bmm(unfolded.mT, root)
+        x = rotated.reshape(n, *x.shape[2:], size)
+    return x
+
+
+def update_factors_reference_(factors: Sequence[torch.Tensor], block: torch.Tensor,
+                              dims: Sequence[int], beta2: float) -> None:
+    """One-block form of :func:`update_factors_`: ``factors[i]`` is ``(d, d)``."""
+    for factor, dim in zip(factors, dims):
+        other = [i for i in range(block.dim()) if i != dim]
+        b = block.to(factor.dtype)
+        outer = torch.tensordot(b, b, dims=(other, other))
+        if beta2 == 1.0:
+            factor.add_(outer)
+        else:
+            factor.mul_(beta2).add_(outer, alpha=1 - beta2)
+
+
+def precondition_reference(block: torch.Tensor, roots: dict[int, torch.Tensor]) -> torch.Tensor:
+    """One-block form of :func:`precondition`: ``roots[dim]`` is ``(d, d)``."""
+    x = block
+    for dim in range(block.dim()):
+        root = roots.get(dim)
+        x = x.movedim(0, -1) if root is None else torch.tensordot(x, root, dims=([0], [0]))
+    return x
+
+
+# ----------------------------------------------------------------------------- state
+@dataclass
+class StackState:
+    """Optimizer state of N stacked blocks of one shape.
+
+    Attributes:
+        factors: per preconditioned dimension, ``(N, d, d)`` in ``factor_dtype``.
+        roots: per preconditioned dimension, ``(N, d, d)`` inverse roots in use, in the
+            work dtype (identity until the first accepted root).
+        graft: ``(N, *shape)`` grafting accumulator, or None.
+        momentum: ``(N, *shape)`` first moment of the update, or None.
+    """
+
+    factors: list[torch.Tensor]
+    roots: list[torch.Tensor]
+    graft: torch.Tensor | None
+    momentum: torch.Tensor | None
+
+    def select(self, rows: torch.Tensor) -> "StackState":
+        """A copy of the state of ``rows`` (indices into the stack)."""
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.index_select(0, rows.to(t.device))
+        return StackState([pick(f) for f in self.factors], [pick(r) for r in self.roots],
+                          pick(self.graft), pick(self.momentum))
+
+    def assign(self, rows: torch.Tensor, other: "StackState") -> None:
+        """Writes ``other`` (the state of ``rows``) back into this stack."""
+        def put(target: torch.Tensor | None, value: torch.Tensor | None) -> None:
+            if target is not None and value is not None:
+                target.index_copy_(0, rows.to(target.device), value)
+        for mine, theirs in zip(self.factors + self.roots, other.factors + other.roots):
+            put(mine, theirs)
+        put(self.graft, other.graft)
+        put(self.momentum, other.momentum)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in [*self.factors, *self.roots, self.graft, self.momentum]
+                if t is not None]
+
+
+@dataclass
+class RootRecord:
+    """Per-block, per-factor bookkeeping of the roots in use, ``(N, k)`` on the CPU.
+
+    Attributes:
+        computed_at: step whose statistics produced the root in use (0: identity).
+        residual: residual of the root in use (0 for the identity).
+        failures: roots rejected so far.
+    """
+
+    computed_at: torch.Tensor
+    residual: torch.Tensor
+    failures: torch.Tensor
+
+
+@dataclass
+class BlockStack:
+    """N blocks of one shape, dtype and device from one parameter group.
+
+    Attributes:
+        block_shape: the shape of every block.
+        dims: the preconditioned dimensions of the block.
+        members: per stacked row, ``(parameter index in the group, block index)``.
+        work_dtype: dtype of directions, roots, grafting and momentum state.
+        batched: use the stacked kernels; False runs the one-block reference kernels
+            (the for-loop ground truth; such a stack then holds a single block).
+    """
+
+    block_shape: tuple[int, ...]
+    dims: tuple[int, ...]
+    members: list[tuple[int, int]]
+    work_dtype: torch.dtype
+    device: torch.device
+    batched: bool
+    state: StackState = field(init=False)
+    record: RootRecord = field(init=False)
+
+    def allocate(self, config: ShampooConfig) -> None:
+        n = len(self.members)
+        make = dict(device=self.device)
+        self.state = StackState(
+            factors=[torch.zeros(n, self.block_shape[d], self.block_shape[d],
+                                 dtype=config.factor_dtype, **make) for d in self.dims],
+            roots=[torch.eye(self.block_shape[d], dtype=self.work_dtype, **make)
+                   .repeat(n, 1, 1) for d in self.dims],
+            graft=None, momentum=None)
+        k = len(self.dims)
+        self.record = RootRecord(torch.zeros(n, k, dtype=torch.int64),
+                                 torch.zeros(n, k, dtype=torch.float64),
+                                 torch.zeros(n, k, dtype=torch.int64))
+
+    def ensure_buffers(self, config: ShampooConfig) -> None:
+        """Allocates the grafting and momentum buffers the configuration needs."""
+        shape = (len(self.members), *self.block_shape)
+        if needs_state(config.grafting) and self.state.graft is None:
+            self.state.graft = torch.zeros(shape, dtype=self.work_dtype, device=self.device)
+        if config.betas[0] > 0 and self.state.momentum is None:
+            self.state.momentum = torch.zeros(shape, dtype=self.work_dtype, device=self.device)
+
+    @property
+    def exponent_denominator(self) -> int:
+        return 2 * len(self.dims)
+
+    # ------------------------------------------------------------------ statistics
+    def update_statistics(self, state: StackState, blocks: torch.Tensor, beta2: float) -> None:
+        if self.batched:
+            update_factors_(state.factors, blocks, self.dims, beta2)
+        else:
+            for row in range(blocks.shape[0]):
+                update_factors_reference_([f[row] for f in state.factors], blocks[row],
+                                          self.dims, beta2)
+
+    def precondition(self, state: StackState, blocks: torch.Tensor) -> torch.Tensor:
+        if self.batched:
+            return precondition(blocks, dict(zip(self.dims, state.roots)))
+        return torch.stack([
+            precondition_reference(blocks[row], {d: r[row] for d, r in zip(self.dims, state.roots)})
+            for row in range(blocks.shape[0])])
+
+    # ----------------------------------------------------------------------- roots
+    def root_inputs(self, config: ShampooConfig, step: int) -> list[torch.Tensor]:
+        """Snapshots of the bias-corrected factors in ``root_dtype``: the pure input of
+        a root computation (copies, so they may be handed to another thread)."""
+        beta2 = config.betas[1]
+        correction = 1.0 if beta2 == 1.0 else 1 - beta2**config.statistics_updates(step)
+        return [f.to(config.root_dtype, copy=True).div_(correction) for f in self.state.factors]
+
+    def compute_roots(self, inputs: list[torch.Tensor], config: ShampooConfig) -> list[RootResult]:
+        """The inverse roots of :meth:`root_inputs`; pure, safe to run elsewhere."""
+        exponent = config.exponent_multiplier / self.exponent_denominator
+        return [inverse_root(m, exponent, config.epsilon, config.root_method,
+                             config.newton_max_iterations, config.newton_tolerance)
+                for m in inputs]
+
+    def install_roots(self, results: list[RootResult], config: ShampooConfig,
+                      computed_at: int) -> int:
+        """Puts accepted roots in use; a root with NaN/Inf entries or a residual above
+        ``root_failure_threshold`` is rejected and the previous one stays. Returns the
+        number of rejected roots."""
+        rejected = 0
+        for i, (result, roots) in enumerate(zip(results, self.state.roots)):
+            finite = torch.isfinite(result.root).flatten(1).all(dim=1)
+            ok = finite & (result.residual <= config.root_failure_threshold)
+            new = result.root.to(roots.dtype)
+            roots.copy_(torch.where(ok.view(-1, 1, 1), new, roots))
+            ok_cpu = ok.cpu()
+            self.record.computed_at[:, i].masked_fill_(ok_cpu, computed_at)
+            self.record.residual[:, i] = torch.where(
+                ok_cpu, result.residual.detach().to("cpu", torch.float64),
+                self.record.residual[:, i])
+            self.record.failures[:, i] += (~ok_cpu).to(torch.int64)
+            rejected += int((~ok_cpu).sum())
+        return rejected
+
+    def refresh_roots(self, config: ShampooConfig, step: int) -> tuple[int, int, float]:
+        """Synchronous root recomputation: (roots computed, rejected, seconds)."""
+        if not self.dims:
+            return 0, 0, 0.0
+        start = time.perf_counter()
+        results = self.compute_roots(self.root_inputs(config, step), config)
+        rejected = self.install_roots(results, config, step)
+        return len(self.dims) * len(self.members), rejected, time.perf_counter() - start

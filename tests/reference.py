@@ -1,0 +1,155 @@
+"""An independent float64 implementation of SPEC section 2, for tests only.
+
+Written for clarity, not speed: blocks are cut with explicit index ranges, factors are
+accumulated with ``einsum``, roots come from ``eigh`` in float64 and the preconditioned
+direction is an explicit Kronecker product applied to the row-major ``vec`` of the
+block, ``vec(B x_1 Q_1 ... x_k Q_k) = (Q_1 kron ... kron Q_k) vec(B)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import string
+from dataclasses import dataclass, field
+
+import torch
+
+
+def reference_root(matrix: torch.Tensor, exponent: float, epsilon: float) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh(matrix.double())
+    values = values.clamp_min(0) + epsilon
+    return vectors @ torch.diag(values ** -exponent) @ vectors.T
+
+
+def outer_along(block: torch.Tensor, dim: int) -> torch.Tensor:
+    """``B_(dim) B_(dim)^T`` by einsum."""
+    letters = string.ascii_lowercase[:block.dim()]
+    other = letters.replace(letters[dim], "A")
+    return torch.einsum(f"{letters},{other}->{letters[dim]}A", block, block)
+
+
+def kron_all(matrices: list[torch.Tensor]) -> torch.Tensor:
+    out = torch.ones(1, 1, dtype=torch.float64)
+    for m in matrices:
+        out = torch.kron(out, m)
+    return out
+
+
+@dataclass
+class BlockRef:
+    slices: tuple[slice, ...]
+    shape: tuple[int, ...]
+    dims: tuple[int, ...]
+    factors: dict[int, torch.Tensor] = field(default_factory=dict)
+    roots: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class ParamRef:
+    merged_shape: tuple[int, ...]
+    blocks: list[BlockRef]
+    graft: torch.Tensor
+    momentum: torch.Tensor
+
+
+class ReferenceShampoo:
+    """Follows SPEC 2.1-2.5 literally. ``groups`` is a list of (params, hparams) where
+    ``params`` are float64 tensors updated in place and ``merged_shapes`` gives each
+    parameter's merged shape (checked against the SPEC's rule in test_blocking)."""
+
+    def __init__(self, params: list[torch.Tensor], merged_shapes: list[tuple[int, ...]],
+                 lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12, weight_decay=0.0,
+                 block_size=1024, max_preconditioned_dim=8192, precondition_frequency=100,
+                 start_preconditioning_step=None, statistics_frequency=1, grafting="adam",
+                 grafting_beta2=0.999, grafting_epsilon=1e-8, exponent_multiplier=1.0,
+                 nesterov=False, bias_correction=True, decoupled_weight_decay=True, **_):
+        self.params = params
+        self.h = dict(lr=lr, beta1=betas[0], beta2=betas[1], eps=epsilon, wd=weight_decay,
+                      pf=precondition_frequency,
+                      start=start_preconditioning_step or precondition_frequency,
+                      sf=statistics_frequency, grafting=grafting, gb2=grafting_beta2,
+                      geps=grafting_epsilon, mult=exponent_multiplier, nesterov=nesterov,
+                      bc=bias_correction, decoupled=decoupled_weight_decay)
+        self.state = []
+        for p, merged in zip(params, merged_shapes):
+            assert math.prod(merged) == p.numel()
+            ranges = []
+            for size in merged:
+                if size > max_preconditioned_dim:
+                    ranges.append([(0, size)])
+                else:
+                    ranges.append([(s, min(s + block_size, size))
+                                   for s in range(0, size, block_size)])
+            dims = tuple(i for i, size in enumerate(merged) if size <= max_preconditioned_dim)
+            blocks = []
+            for combo in itertools.product(*ranges):
+                shape = tuple(b - a for a, b in combo)
+                block = BlockRef(tuple(slice(a, b) for a, b in combo), shape, dims)
+                for d in dims:
+                    block.factors[d] = torch.zeros(shape[d], shape[d], dtype=torch.float64)
+                    block.roots[d] = torch.eye(shape[d], dtype=torch.float64)
+                blocks.append(block)
+            zeros = torch.zeros(merged, dtype=torch.float64)
+            self.state.append(ParamRef(tuple(merged), blocks, zeros.clone(), zeros.clone()))
+        self.t = 0
+
+    def step(self, grads: list[torch.Tensor | None]) -> None:
+        h = self.h
+        self.t += 1
+        t = self.t
+        for p, grad, st in zip(self.params, grads, self.state):
+            if grad is None:
+                continue
+            g = grad.double().reshape(st.merged_shape).clone()
+            w = p.data.view(st.merged_shape)
+            if h["wd"] and not h["decoupled"]:
+                g = g + h["wd"] * w
+            # Grafting direction over the whole parameter (elementwise methods).
+            if h["grafting"] in ("none", "sgd"):
+                a_full = g
+            elif h["grafting"] == "adagrad":
+                st.graft += g * g
+                a_full = g / (st.graft.sqrt() + h["geps"])
+            else:
+                st.graft.mul_(h["gb2"]).add_((1 - h["gb2"]) * g * g)
+                c2 = 1 - h["gb2"] ** t if h["grafting"] == "adam" else 1.0
+                a_full = g / (st.graft.sqrt() / math.sqrt(c2) + h["geps"])
+            direction = torch.zeros_like(g)
+            for block in st.blocks:
+                gb = g[block.slices]
+                ab = a_full[block.slices]
+                if (t - 1) % h["sf"] == 0:
+                    for d in block.dims:
+                        outer = outer_along(gb, d)
+                        if h["beta2"] == 1:
+                            block.factors[d] += outer
+                        else:
+                            block.factors[d] = h["beta2"] * block.factors[d] + (1 - h["beta2"]) * outer
+                if block.dims and t >= h["start"] and (t - h["start"]) % h["pf"] == 0:
+                    updates = (t - 1) // h["sf"] + 1
+                    c = 1.0 if h["beta2"] == 1 else 1 - h["beta2"] ** updates
+                    exponent = h["mult"] / (2 * len(block.dims))
+                    for d in block.dims:
+                        block.roots[d] = reference_root(block.factors[d] / c, exponent, h["eps"])
+                if block.dims and t >= h["start"]:
+                    mats = [block.roots[d] if d in block.dims
+                            else torch.eye(block.shape[d], dtype=torch.float64)
+                            for d in range(len(block.shape))]
+                    pb = (kron_all(mats) @ gb.reshape(-1)).reshape(block.shape)
+                    if h["grafting"] != "none":
+                        norm = pb.norm()
+                        pb = pb * (ab.norm() / norm) if norm > 0 else torch.zeros_like(pb)
+                else:
+                    pb = ab
+                direction[block.slices] = pb
+            b1 = h["beta1"]
+            if b1 > 0:
+                st.momentum.mul_(b1).add_((1 - b1) * direction)
+                m_hat = st.momentum / (1 - b1 ** t) if h["bc"] else st.momentum
+                u = b1 * m_hat + (1 - b1) * direction if h["nesterov"] else m_hat
+            else:
+                u = direction
+            if h["wd"] and h["decoupled"]:
+                w.sub_(h["lr"] * h["wd"] * w)
+            w.sub_(h["lr"] * u)
