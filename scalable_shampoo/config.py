@@ -27,7 +27,11 @@ STRUCTURAL_FIELDS = ("block_size", "max_preconditioned_dim", "factor_dtype", "gr
 
 def _check_real(name: str, value: Any, low: float, high: float, *, low_open: bool = False,
                 high_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    try:
+        finite = math.isfinite(value)
+    except (TypeError, OverflowError):
+        finite = False
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not finite:
         raise ValueError(f"{name} must be a finite real number, got {value!r}")
     too_low = value <= low if low_open else value < low
     too_high = value >= high if high_open else value > high
@@ -81,7 +85,8 @@ class ShampooConfig:
             Default 1.
         grafting: one of "none", "sgd", "adagrad", "rmsprop", "adam": the first-order
             method whose per-block step norm the Shampoo direction takes. Default "adam".
-        grafting_beta2: in (0, 1], second-moment EMA of rmsprop/adam grafting. Default 0.999.
+        grafting_beta2: in (0, 1), second-moment EMA of rmsprop/adam grafting (1 would
+            freeze the accumulator at 0). Default 0.999.
         grafting_epsilon: > 0, denominator guard of adagrad/rmsprop/adam grafting.
             Default 1e-8.
         root_method: "eigh" (symmetric eigendecomposition, the reference) or "newton"
@@ -143,7 +148,8 @@ class ShampooConfig:
             _check_int("start_preconditioning_step", self.start_preconditioning_step, 1)
         _check_int("statistics_frequency", self.statistics_frequency, 1)
         _check_choice("grafting", self.grafting, GRAFTING_METHODS)
-        _check_real("grafting_beta2", self.grafting_beta2, 0.0, 1.0, low_open=True)
+        _check_real("grafting_beta2", self.grafting_beta2, 0.0, 1.0, low_open=True,
+                    high_open=True)
         _check_real("grafting_epsilon", self.grafting_epsilon, 0.0, math.inf, low_open=True)
         _check_choice("root_method", self.root_method, ROOT_METHODS)
         _check_choice("root_dtype", self.root_dtype, FLOAT_DTYPES)

@@ -45,8 +45,11 @@ def graft_direction_(method: str, grad: torch.Tensor, state: torch.Tensor | None
 
 
 def block_norms(blocks: torch.Tensor) -> torch.Tensor:
-    """Frobenius norm of each block of ``(N, *shape)``, shape ``(N,)``."""
-    return torch.linalg.vector_norm(blocks.reshape(blocks.shape[0], -1), dim=1)
+    """Frobenius norm of each block of ``(N, *shape)``, shape ``(N,)``, accumulated in
+    float64 so that float32 blocks with huge or tiny entries neither overflow nor
+    underflow to a zero step."""
+    return torch.linalg.vector_norm(blocks.reshape(blocks.shape[0], -1), dim=1,
+                                    dtype=torch.float64)
 
 
 def graft(direction: torch.Tensor, graft_direction: torch.Tensor) -> torch.Tensor:
@@ -55,4 +58,4 @@ def graft(direction: torch.Tensor, graft_direction: torch.Tensor) -> torch.Tenso
     direction_norm = block_norms(direction)
     scale = torch.where(direction_norm > 0, block_norms(graft_direction) / direction_norm,
                         torch.zeros_like(direction_norm))
-    return direction * scale.view(-1, *([1] * (direction.dim() - 1)))
+    return direction * scale.to(direction.dtype).view(-1, *([1] * (direction.dim() - 1)))

@@ -174,13 +174,15 @@ class Shampoo(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for index, group in enumerate(self.param_groups):
-            self._step_group(index, group)
+        # Validate every group before touching any, so a bad value leaves no partial step.
+        configs = [ShampooConfig.from_group(group) for group in self.param_groups]
+        plans = [self._plan(index, config) for index, config in enumerate(configs)]
+        for group, config, plan in zip(self.param_groups, configs, plans):
+            self._step_group(group, config, plan)
         return loss
 
-    def _step_group(self, index: int, group: dict[str, Any]) -> None:
-        config = ShampooConfig.from_group(group)
-        plan = self._plan(index, config)
+    def _step_group(self, group: dict[str, Any], config: ShampooConfig,
+                    plan: _GroupPlan) -> None:
         params = group["params"]
         grads = [p.grad for p in params]
         if all(g is None for g in grads):

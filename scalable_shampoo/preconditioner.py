@@ -223,9 +223,9 @@ class BlockStack:
         number of rejected roots."""
         rejected = 0
         for i, (result, roots) in enumerate(zip(results, self.state.roots)):
-            finite = torch.isfinite(result.root).flatten(1).all(dim=1)
+            new = result.root.to(roots.dtype)  # checked after the cast: it may overflow
+            finite = torch.isfinite(new).flatten(1).all(dim=1)
             ok = finite & (result.residual <= config.root_failure_threshold)
-            new = result.root.to(roots.dtype)
             roots.copy_(torch.where(ok.view(-1, 1, 1), new, roots))
             ok_cpu = ok.cpu()
             self.record.computed_at[:, i].masked_fill_(ok_cpu, computed_at)
