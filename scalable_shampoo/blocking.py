@@ -32,6 +32,8 @@ def merged_shape(shape: Sequence[int], block_size: int) -> tuple[int, ...]:
 
 
 def _chunks(size: int, block_size: int) -> tuple[int, ...]:
+    if size == 0:
+        return (0,)  # an empty dimension is one empty chunk: one (empty) block
     full, rest = divmod(size, block_size)
     return (block_size,) * full + ((rest,) if rest else ())
 
@@ -93,7 +95,8 @@ def split_blocks(tensor: torch.Tensor, layout: BlockLayout) -> list[torch.Tensor
 
 
 def merge_blocks(blocks: Sequence[torch.Tensor], layout: BlockLayout) -> torch.Tensor:
-    """Inverse of :func:`split_blocks`: a new tensor shaped ``layout.param_shape``."""
+    """Inverse of :func:`split_blocks`: a tensor shaped ``layout.param_shape`` (a new
+    one, except for a single block, whose reshaped view is returned)."""
     if len(blocks) != layout.num_blocks:
         raise ValueError(f"expected {layout.num_blocks} blocks, got {len(blocks)}")
     pieces = list(blocks)

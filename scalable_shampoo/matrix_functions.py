@@ -15,7 +15,7 @@ import torch
 
 # Newton handles exponent a/b by an iteration for the b-th root followed by the a-th
 # power; larger denominators converge too slowly to be worth it (use eigh).
-MAX_NEWTON_DENOMINATOR = 64
+MAX_NEWTON_DENOMINATOR = 32
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,8 @@ class RootResult:
     Attributes:
         root: ``(..., n, n)`` the inverse root, symmetric.
         residual: ``(...)`` per-matrix error estimate. eigh: relative Frobenius error of
-            the eigendecomposition's reconstruction. newton: ``max|M - I|`` of the coupled
-            iteration (0 at the exact root). NaN where the computation failed.
+            the eigendecomposition's reconstruction. newton: ``max|X^p A - I|`` for the
+            ``p``-th root ``X`` (0 at the exact root). NaN where the computation failed.
         iterations: Newton iterations run (0 for eigh).
     """
 
@@ -89,12 +89,20 @@ def inverse_root_newton(matrix: torch.Tensor, exponent: float, epsilon: float = 
     """``(A + epsilon I)^(-exponent)`` by the coupled Newton iteration (matmul only).
 
     With ``exponent = a / p``: scale so that the spectrum of ``M_0 = z A`` lies in
-    ``(0, (p + 1) / 2]`` (``z`` from an upper bound of the largest eigenvalue, the
-    smaller of the Frobenius and infinity norms), ``X_0 = z^(1/p) I``, then iterate
+    ``(0, 1]`` (``z`` from an upper bound of the largest eigenvalue, the smaller of the
+    Frobenius and infinity norms), ``X_0 = z^(1/p) I``, then iterate
     ``T = ((p + 1) I - M) / p``, ``X <- X T``, ``M <- T^p M``. ``M -> I`` and
-    ``X -> A^(-1/p)``; the result is ``X^a``. Each matrix of the batch stops once
-    ``max|M - I| < tolerance`` or its error grows (it keeps its best iterate), all
-    stop after ``max_iterations``.
+    ``X -> A^(-1/p)``; the result is ``X^a``.
+
+    On a spectrum in ``(0, 1]`` every eigenvalue of ``M`` rises monotonically to 1, so
+    ``max|M - I|`` (a diagonal entry of the negative semi-definite ``M - I``) decreases
+    monotonically in exact arithmetic: each matrix of the batch stops once it is below
+    ``tolerance`` or stops decreasing (rounding), keeping its best iterate; all stop
+    after ``max_iterations``. (Scaling to ``(p + 1) / 2``, as some implementations do,
+    lets the error rise in the first steps, which makes that stopping rule unsafe.)
+
+    The returned residual is recomputed from the result, ``max|X^p A - I|``, so that a
+    drift of the coupled pair (rounding in ``T^p`` for large ``p``) cannot hide.
     """
     _check_root_args(matrix, exponent, epsilon)
     fraction = _as_fraction(exponent)
@@ -105,7 +113,7 @@ def inverse_root_newton(matrix: torch.Tensor, exponent: float, epsilon: float = 
     bound = torch.minimum(torch.linalg.matrix_norm(a),
                           torch.linalg.matrix_norm(a, ord=float("inf")))
     bound = torch.where(bound > 0, bound, torch.ones_like(bound))
-    z = ((1 + p) / (2 * bound))[..., None, None]
+    z = (1 / bound)[..., None, None]
     m = a * z
     x = identity * z.pow(1.0 / p)
 
@@ -113,7 +121,7 @@ def inverse_root_newton(matrix: torch.Tensor, exponent: float, epsilon: float = 
         return (mat - identity).abs().amax(dim=(-2, -1))
 
     error = error_of(m)
-    best_x, best_error = x, error
+    best_x = x
     running = error > tolerance
     iterations = 0
     while iterations < max_iterations and bool(running.any()):
@@ -122,17 +130,14 @@ def inverse_root_newton(matrix: torch.Tensor, exponent: float, epsilon: float = 
         x = x @ t
         iterations += 1
         new_error = error_of(m)
-        better = running & (new_error < best_error)
+        better = running & (new_error < error)
         best_x = torch.where(better[..., None, None], x, best_x)
-        best_error = torch.where(better, new_error, best_error)
-        # Like optax's Shampoo, tolerate a transient rise (the first steps can raise
-        # max|M - I| while the spectrum is pulled towards 1), not a sustained one.
-        running = running & (new_error > tolerance) & (new_error < 1.2 * error) \
-            & torch.isfinite(new_error)
-        error = new_error
+        error = torch.where(better, new_error, error)
+        running = better & (new_error > tolerance)
+    residual = error_of(torch.linalg.matrix_power(best_x, p) @ a)
+    residual = torch.where(torch.isfinite(residual), residual,
+                           torch.full_like(residual, float("nan")))
     root = best_x if power == 1 else torch.linalg.matrix_power(best_x, power)
-    residual = torch.where(torch.isfinite(best_error), best_error,
-                           torch.full_like(best_error, float("nan")))
     return RootResult(_symmetric(root), residual, iterations)
 
 
