@@ -45,11 +45,17 @@ def graft_direction_(method: str, grad: torch.Tensor, state: torch.Tensor | None
 
 
 def block_norms(blocks: torch.Tensor) -> torch.Tensor:
-    """Frobenius norm of each block of ``(N, *shape)``, shape ``(N,)``, accumulated in
-    float64 so that float32 blocks with huge or tiny entries neither overflow nor
-    underflow to a zero step."""
-    return torch.linalg.vector_norm(blocks.reshape(blocks.shape[0], -1), dim=1,
-                                    dtype=torch.float64)
+    """Frobenius norm of each block of ``(N, *shape)``, shape ``(N,)``, in float64.
+
+    Computed in the blocks' dtype first (a float64 copy of every block costs a full
+    extra pass); only when a norm came out as 0 or inf, which in float32 may be an
+    underflow or overflow rather than the truth, is it recomputed in float64."""
+    flat = blocks.reshape(blocks.shape[0], -1)
+    norms = torch.linalg.vector_norm(flat, dim=1).double()
+    if blocks.dtype != torch.float64 and not bool(
+            (torch.isfinite(norms) & (norms > 0)).all()):
+        norms = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64)
+    return norms
 
 
 def graft(direction: torch.Tensor, graft_direction: torch.Tensor) -> torch.Tensor:

@@ -390,3 +390,17 @@ def test_closure_and_parameters_without_grad():
     loss = opt.step(closure)
     assert isinstance(loss, torch.Tensor)
     assert torch.equal(frozen, before)
+
+
+def test_huge_finite_gradient_is_not_mistaken_for_nonfinite():
+    """The cheap NaN/Inf test sums each block; a finite gradient whose sum overflows
+    float32 must still be used, not skipped."""
+    param = torch.nn.Parameter(torch.zeros(4, 3))
+    opt = Shampoo([param], lr=1e-3, betas=(0.0, 0.999), grafting="sgd",
+                  start_preconditioning_step=100)
+    param.grad = torch.full((4, 3), 3e38)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert opt.metrics()["nonfinite_grad_skips"] == 0
+    assert torch.equal(param, torch.full((4, 3), 3e38) * -1e-3)
