@@ -81,7 +81,9 @@ def inverse_root_eigh(matrix: torch.Tensor, exponent: float,
     return RootResult(root, residual, 0)
 
 
-def _as_fraction(exponent: float) -> Fraction:
+def newton_fraction(exponent: float) -> Fraction:
+    """``exponent`` as the fraction ``a / p`` the Newton root iterates with; raises
+    ``ValueError`` when no fraction with ``p <= MAX_NEWTON_DENOMINATOR`` matches it."""
     fraction = Fraction(exponent).limit_denominator(MAX_NEWTON_DENOMINATOR)
     if abs(float(fraction) - exponent) > 1e-12 * exponent:
         raise ValueError(
@@ -111,7 +113,7 @@ def inverse_root_newton(matrix: torch.Tensor, exponent: float, epsilon: float = 
     drift of the coupled pair (rounding in ``T^p`` for large ``p``) cannot hide.
     """
     _check_root_args(matrix, exponent, epsilon)
-    fraction = _as_fraction(exponent)
+    fraction = newton_fraction(exponent)
     power, p = fraction.numerator, fraction.denominator
     n = matrix.shape[-1]
     identity = torch.eye(n, dtype=matrix.dtype, device=matrix.device)

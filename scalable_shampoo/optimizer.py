@@ -17,6 +17,7 @@ import torch
 from .blocking import BlockLayout, block_layout, merge_blocks, split_blocks
 from .config import STRUCTURAL_FIELDS, ShampooConfig
 from .grafting import graft, graft_direction_
+from .matrix_functions import newton_fraction
 from .preconditioner import BlockStack, StackState
 
 STATE_FORMAT = "scalable_shampoo.shampoo/1"
@@ -53,6 +54,7 @@ class _GroupPlan:
     locations: list[list[tuple[int, int]]]
     structure: tuple
     step: int = 0
+    checked_root_setting: tuple | None = None
 
 
 def _structure(config: ShampooConfig) -> tuple:
@@ -86,6 +88,22 @@ def _build_plan(params: list[torch.Tensor], config: ShampooConfig, batched: bool
     for stack in stacks:
         stack.allocate(config)
     return _GroupPlan(layouts, stacks, locations, _structure(config))
+
+
+def _check_newton_exponents(plan: _GroupPlan, config: ShampooConfig, index: int) -> None:
+    """Fails before the first step, not at the first root step, when the Newton root
+    cannot compute some block's exponent."""
+    if config.root_method != "newton":
+        return
+    for stack in plan.stacks:
+        if stack.dims:
+            try:
+                newton_fraction(stack.exponent(config))
+            except ValueError as error:
+                raise ValueError(
+                    f"param group {index}: root_method='newton' cannot serve blocks with "
+                    f"{len(stack.dims)} preconditioned dimensions at exponent_multiplier="
+                    f"{config.exponent_multiplier}: {error}") from None
 
 
 class Shampoo(torch.optim.Optimizer):
@@ -164,6 +182,10 @@ class Shampoo(torch.optim.Optimizer):
                 layout.param_shape != tuple(p.shape) for layout, p in zip(plan.layouts, params)):
             raise ValueError(f"the parameters of param group {index} changed after the "
                              "optimizer state was created")
+        root_setting = (config.root_method, config.exponent_multiplier)
+        if plan.checked_root_setting != root_setting:
+            _check_newton_exponents(plan, config, index)
+            plan.checked_root_setting = root_setting
         return plan
 
     # -------------------------------------------------------------------------- step

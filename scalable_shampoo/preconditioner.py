@@ -181,9 +181,9 @@ class BlockStack:
         if config.betas[0] > 0 and self.state.momentum is None:
             self.state.momentum = torch.zeros(shape, dtype=self.work_dtype, device=self.device)
 
-    @property
-    def exponent_denominator(self) -> int:
-        return 2 * len(self.dims)
+    def exponent(self, config: ShampooConfig) -> float:
+        """The root exponent of these blocks, ``exponent_multiplier / (2 k)``."""
+        return config.exponent_multiplier / (2 * len(self.dims))
 
     # ------------------------------------------------------------------ statistics
     def update_statistics(self, state: StackState, blocks: torch.Tensor, beta2: float) -> None:
@@ -211,7 +211,7 @@ class BlockStack:
 
     def compute_roots(self, inputs: list[torch.Tensor], config: ShampooConfig) -> list[RootResult]:
         """The inverse roots of :meth:`root_inputs`; pure, safe to run elsewhere."""
-        exponent = config.exponent_multiplier / self.exponent_denominator
+        exponent = self.exponent(config)
         return [inverse_root(m, exponent, config.epsilon, config.root_method,
                              config.newton_max_iterations, config.newton_tolerance)
                 for m in inputs]

@@ -404,3 +404,33 @@ def test_huge_finite_gradient_is_not_mistaken_for_nonfinite():
         opt.step()
     assert opt.metrics()["nonfinite_grad_skips"] == 0
     assert torch.equal(param, torch.full((4, 3), 3e38) * -1e-3)
+
+
+def test_newton_exponent_it_cannot_serve_fails_before_the_first_step():
+    param = torch.nn.Parameter(torch.randn(6, 5))
+    param.grad = torch.randn(6, 5)
+    opt = Shampoo([param], block_size=6, root_method="newton", exponent_multiplier=0.7)
+    before = param.clone()
+    with pytest.raises(ValueError, match="root_method='newton' cannot serve blocks with 2"):
+        opt.step()  # 0.7 / 4 = 7/40: denominator above 32
+    assert torch.equal(param, before)
+    opt.param_groups[0]["root_method"] = "eigh"
+    opt.step()
+    assert not torch.equal(param, before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    cpu, gpu = _model(dtype=torch.float64), _model(dtype=torch.float64).cuda()
+    options = dict(lr=0.01, precondition_frequency=3, block_size=8, epsilon=1e-4,
+                   factor_dtype=torch.float64)
+    opt_cpu, opt_gpu = Shampoo(cpu.parameters(), **options), Shampoo(gpu.parameters(), **options)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        x, y = torch.randn(32, 12, generator=gen).double(), torch.randn(32, 3, generator=gen).double()
+        for model, opt, device in ((cpu, opt_cpu, "cpu"), (gpu, opt_gpu, "cuda")):
+            opt.zero_grad()
+            ((model(x.to(device)) - y.to(device)) ** 2).mean().backward()
+            opt.step()
+    for a, b in zip(cpu.parameters(), gpu.parameters()):
+        torch.testing.assert_close(a, b.cpu(), rtol=1e-8, atol=1e-10)
