@@ -9,7 +9,7 @@ which of those run on which blocks, and maps blocks back to parameters.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
