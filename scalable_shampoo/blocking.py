@@ -108,3 +108,79 @@ def merge_blocks(blocks: Sequence[torch.Tensor], layout: BlockLayout) -> torch.T
             pieces = [torch.cat(pieces[i:i + count], dim=dim)
                       for i in range(0, len(pieces), count)]
     return pieces[0].reshape(layout.param_shape)
+
+
+@dataclass(frozen=True)
+class BlockRegion:
+    """A box of the merged tensor tiled by equal blocks, so that all of them can be
+    gathered or scattered with one strided copy (see :func:`region_view`).
+
+    A dimension split into chunks of ``block_size`` has at most two kinds of chunk (full
+    ones and a smaller last one), so a parameter has at most ``2^k`` regions for ``k``
+    merged dimensions, however many blocks it has.
+
+    Attributes:
+        starts: per merged dimension, where the region starts.
+        counts: per merged dimension, how many blocks the region has along it.
+        block_shape: the shape of each of its blocks.
+        block_indices: the layout index (see :attr:`BlockLayout.block_shapes`) of each
+            block, in row-major order over ``counts``.
+        strides, offset: the region's ``(*counts, *block_shape)`` strides and element
+            offset within a contiguous tensor of the merged shape (a one-call view).
+    """
+
+    starts: tuple[int, ...]
+    counts: tuple[int, ...]
+    block_shape: tuple[int, ...]
+    block_indices: tuple[int, ...]
+    strides: tuple[int, ...]
+    offset: int
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_indices)
+
+
+def block_regions(layout: BlockLayout, one_block_each: bool = False) -> list[BlockRegion]:
+    """The regions that tile ``layout``'s merged shape; with ``one_block_each`` every
+    block is a region of its own (the one-block-at-a-time reference path)."""
+    grid = torch.arange(layout.num_blocks).reshape([len(c) for c in layout.chunk_sizes])
+    parts_per_dim = []  # (start offset, chunk range) per kind of chunk
+    for sizes in layout.chunk_sizes:
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        if one_block_each:
+            parts_per_dim.append([(offsets[i], range(i, i + 1)) for i in range(len(sizes))])
+            continue
+        full = sum(1 for s in sizes if s == sizes[0])
+        parts = [(0, range(0, full))]
+        if full < len(sizes):
+            parts.append((offsets[full], range(full, len(sizes))))
+        parts_per_dim.append(parts)
+    merged = layout.merged_shape
+    unit = [math.prod(merged[d + 1:]) for d in range(len(merged))]  # contiguous strides
+    regions = []
+    for combo in itertools.product(*parts_per_dim):
+        chunks = [r for _, r in combo]
+        index = grid[tuple(slice(r.start, r.stop) for r in chunks)]
+        shape = tuple(sizes[r.start] for sizes, r in zip(layout.chunk_sizes, chunks))
+        starts = tuple(start for start, _ in combo)
+        strides = (*(s * u for s, u in zip(shape, unit)), *unit)
+        regions.append(BlockRegion(starts, tuple(len(r) for r in chunks), shape,
+                                   tuple(index.flatten().tolist()), strides,
+                                   sum(a * u for a, u in zip(starts, unit))))
+    return regions
+
+
+def region_view(merged: torch.Tensor, region: BlockRegion) -> torch.Tensor:
+    """The region's blocks as a view of ``merged`` (a tensor of the merged shape),
+    shaped ``(*counts, *block_shape)``: writing into it writes into ``merged``."""
+    if merged.is_contiguous():  # the per-step path: one call
+        return merged.as_strided((*region.counts, *region.block_shape), region.strides,
+                                 merged.storage_offset() + region.offset)
+    x = merged
+    for dim, (start, count, size) in enumerate(zip(region.starts, region.counts,
+                                                   region.block_shape)):
+        x = x.narrow(dim, start, count * size)
+    k = len(region.counts)
+    x = x.reshape([v for pair in zip(region.counts, region.block_shape) for v in pair])
+    return x.permute([*range(0, 2 * k, 2), *range(1, 2 * k, 2)])

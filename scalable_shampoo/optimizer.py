@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .blocking import BlockLayout, block_layout, merge_blocks, split_blocks
+from .blocking import BlockLayout, BlockRegion, block_layout, block_regions, region_view
 from .config import STRUCTURAL_FIELDS, ShampooConfig
 from .grafting import graft, graft_direction_
 from .matrix_functions import newton_fraction
@@ -37,6 +37,15 @@ def momentum_direction_(momentum: torch.Tensor | None, direction: torch.Tensor,
     return momentum / correction if correction != 1.0 else momentum
 
 
+@dataclass(frozen=True)
+class _Piece:
+    """A region of one parameter, stored in a stack from ``row`` on."""
+
+    param: int
+    region: BlockRegion
+    row: int
+
+
 @dataclass
 class _GroupPlan:
     """How one param group's parameters map onto block stacks.
@@ -44,13 +53,16 @@ class _GroupPlan:
     Attributes:
         layouts: per parameter, its block layout.
         stacks: the group's block stacks.
+        pieces: per stack, the parameter regions it holds, in row order.
         locations: per parameter, per block, ``(stack index, row in the stack)``.
         structure: the structural hyperparameters the plan was built with.
         step: steps taken by the group.
+        checked_root_setting: the (root_method, exponent_multiplier) last validated.
     """
 
     layouts: list[BlockLayout]
     stacks: list[BlockStack]
+    pieces: list[list[_Piece]]
     locations: list[list[tuple[int, int]]]
     structure: tuple
     step: int = 0
@@ -67,27 +79,48 @@ def _work_dtype(param_dtype: torch.dtype) -> torch.dtype:
 
 
 def _build_plan(params: list[torch.Tensor], config: ShampooConfig, batched: bool) -> _GroupPlan:
-    layouts, locations, stacks = [], [], []
+    layouts, stacks, pieces = [], [], []
+    locations: list[list[tuple[int, int]]] = []
     index: dict[Any, int] = {}
     for pi, param in enumerate(params):
         layout = block_layout(param.shape, config.block_size, config.max_preconditioned_dim)
         layouts.append(layout)
-        where = []
+        where: list[tuple[int, int]] = [(-1, -1)] * layout.num_blocks
         if param.numel() > 0:
-            for bi, shape in enumerate(layout.block_shapes):
-                key = ((shape, layout.preconditioned_dims, param.dtype, param.device)
-                       if batched else (pi, bi))
+            for region in block_regions(layout, one_block_each=not batched):
+                key = ((region.block_shape, layout.preconditioned_dims, param.dtype,
+                        param.device) if batched else (pi, region.block_indices))
                 if key not in index:
                     index[key] = len(stacks)
-                    stacks.append(BlockStack(shape, layout.preconditioned_dims, [],
-                                             _work_dtype(param.dtype), param.device, batched))
-                stack = stacks[index[key]]
-                where.append((index[key], len(stack.members)))
-                stack.members.append((pi, bi))
-        locations.append(where)
+                    stacks.append(BlockStack(region.block_shape, layout.preconditioned_dims,
+                                             [], _work_dtype(param.dtype), param.device,
+                                             batched))
+                    pieces.append([])
+                si = index[key]
+                stack = stacks[si]
+                pieces[si].append(_Piece(pi, region, len(stack.members)))
+                for bi in region.block_indices:
+                    where[bi] = (si, len(stack.members))
+                    stack.members.append((pi, bi))
+        locations.append(where if param.numel() > 0 else [])
     for stack in stacks:
         stack.allocate(config)
-    return _GroupPlan(layouts, stacks, locations, _structure(config))
+    return _GroupPlan(layouts, stacks, pieces, locations, _structure(config))
+
+
+@dataclass
+class _Gathered:
+    """The gradient blocks of one stack for one step.
+
+    Attributes:
+        rows: the stack rows present (parameters with a usable gradient).
+        blocks: those rows' gradient blocks ``(len(rows), *block_shape)``, or None.
+        placements: each piece present and the position of its first block in ``blocks``.
+    """
+
+    rows: list[int]
+    blocks: torch.Tensor | None
+    placements: list[tuple[_Piece, int]]
 
 
 def _check_newton_exponents(plan: _GroupPlan, config: ShampooConfig, index: int) -> None:
@@ -217,58 +250,49 @@ class Shampoo(torch.optim.Optimizer):
         if config.weight_decay and not config.decoupled_weight_decay:
             grads = [None if g is None else g.add(p, alpha=config.weight_decay)
                      for g, p in zip(grads, params)]
-        views = [split_blocks(g, layout) if g is not None and g.numel() > 0 else None
-                 for g, layout in zip(grads, plan.layouts)]
+        merged = [g.reshape(layout.merged_shape) if g is not None and g.numel() > 0 else None
+                  for g, layout in zip(grads, plan.layouts)]
+        gathered = [_gather(stack, pieces, merged)
+                    for stack, pieces in zip(plan.stacks, plan.pieces)]
+        bad = self._nonfinite_params(plan, gathered, step)
+        if bad:  # rare: gather again without them, so no state of theirs is touched
+            merged = [None if pi in bad else m for pi, m in enumerate(merged)]
+            gathered = [_gather(stack, pieces, merged)
+                        for stack, pieces in zip(plan.stacks, plan.pieces)]
 
-        gathered = [self._gather(stack, views) for stack in plan.stacks]
-        skipped = self._skip_nonfinite(plan, gathered, step)
+        updates: dict[int, list[tuple[BlockRegion, torch.Tensor]]] = {}
+        for stack, batch in zip(plan.stacks, gathered):
+            direction = self._stack_direction(stack, batch.rows, batch.blocks, config, step)
+            for piece, position in batch.placements:
+                region = piece.region
+                update = direction[position:position + region.num_blocks]
+                updates.setdefault(piece.param, []).append(
+                    (region, update.view((*region.counts, *region.block_shape))))
+        _apply(params, plan.layouts, updates, config)
 
-        updates: dict[tuple[int, int], torch.Tensor] = {}
-        for stack, (rows, blocks) in zip(plan.stacks, gathered):
-            direction = self._stack_direction(stack, rows, blocks, config, step)
-            for row, update in zip(rows, direction if rows else ()):
-                updates[stack.members[row]] = update
-        self._apply(params, plan, views, skipped, updates, config)
-
-    @staticmethod
-    def _gather(stack: BlockStack, views: list) -> tuple[list[int], torch.Tensor | None]:
-        """The rows of ``stack`` whose parameters have a gradient, and those gradient
-        blocks stacked as ``(rows, *block_shape)`` in the work dtype."""
-        rows = [row for row, (pi, _) in enumerate(stack.members) if views[pi] is not None]
-        if not rows:
-            return rows, None
-        blocks = [views[stack.members[row][0]][stack.members[row][1]] for row in rows]
-        stacked = blocks[0].unsqueeze(0) if len(blocks) == 1 else torch.stack(blocks)
-        return rows, stacked.to(stack.work_dtype)
-
-    def _skip_nonfinite(self, plan: _GroupPlan, gathered: list, step: int) -> set[int]:
-        """Drops, in place, every block of a parameter whose gradient has NaN/Inf entries
-        (so no statistic, grafting or momentum state sees it); returns those parameters."""
+    def _nonfinite_params(self, plan: _GroupPlan, gathered: list[_Gathered],
+                          step: int) -> set[int]:
+        """The parameters whose gradient has NaN/Inf entries (counted, warned once)."""
         bad: set[int] = set()
-        for stack, (rows, blocks) in zip(plan.stacks, gathered):
-            if blocks is None:
+        for stack, batch in zip(plan.stacks, gathered):
+            if batch.blocks is None:
                 continue
-            flat = blocks.reshape(blocks.shape[0], -1)
+            flat = batch.blocks.reshape(batch.blocks.shape[0], -1)
             # A finite sum proves every entry finite in one cheap pass; the elementwise
             # test runs only when it is not (NaN/Inf, or a sum that overflowed).
             if bool(torch.isfinite(flat.sum(dim=1)).all()):
                 continue
             finite = torch.isfinite(flat).all(dim=1)
-            bad.update(stack.members[rows[j]][0] for j in (~finite).nonzero().flatten().tolist())
-        if not bad:
-            return bad
-        for i, (stack, (rows, blocks)) in enumerate(zip(plan.stacks, gathered)):
-            keep = [j for j, row in enumerate(rows) if stack.members[row][0] not in bad]
-            if len(keep) < len(rows):
-                kept = blocks[keep] if keep else None
-                gathered[i] = ([rows[j] for j in keep], kept)
-        self._counters["nonfinite_grad_skips"] += len(bad)
-        if not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            warnings.warn(f"Shampoo: skipped {len(bad)} parameter(s) with NaN/Inf gradients at "
-                          f"step {step}; their state is untouched. Later skips are counted in "
-                          "metrics()['nonfinite_grad_skips'] without a warning.", RuntimeWarning,
-                          stacklevel=6)  # the caller of optimizer.step()
+            bad.update(stack.members[batch.rows[j]][0]
+                       for j in (~finite).nonzero().flatten().tolist())
+        if bad:
+            self._counters["nonfinite_grad_skips"] += len(bad)
+            if not self._warned_nonfinite:
+                self._warned_nonfinite = True
+                warnings.warn(f"Shampoo: skipped {len(bad)} parameter(s) with NaN/Inf gradients "
+                              f"at step {step}; their state is untouched. Later skips are "
+                              "counted in metrics()['nonfinite_grad_skips'] without a warning.",
+                              RuntimeWarning, stacklevel=6)  # the caller of optimizer.step()
         return bad
 
     def _stack_direction(self, stack: BlockStack, rows: list[int], blocks: torch.Tensor | None,
@@ -302,26 +326,6 @@ class Shampoo(torch.optim.Optimizer):
         if not everyone:
             stack.state.assign(selection, state)
         return update
-
-    @staticmethod
-    def _apply(params: list[torch.Tensor], plan: _GroupPlan, views: list, skipped: set[int],
-               updates: dict[tuple[int, int], torch.Tensor], config: ShampooConfig) -> None:
-        """``p <- p - lr * wd * p`` (decoupled) then ``p <- p - lr * u``."""
-        targets, deltas = [], []
-        for pi, param in enumerate(params):
-            if views[pi] is None or pi in skipped:
-                continue
-            layout = plan.layouts[pi]
-            blocks = [updates[(pi, bi)] for bi in range(layout.num_blocks)]
-            delta = (blocks[0].reshape(param.shape) if len(blocks) == 1
-                     else merge_blocks(blocks, layout))
-            targets.append(param)
-            deltas.append(delta.to(param.dtype))
-        if not targets:
-            return
-        if config.weight_decay and config.decoupled_weight_decay:
-            torch._foreach_mul_(targets, 1 - config.lr * config.weight_decay)
-        torch._foreach_add_(targets, deltas, alpha=-config.lr)
 
     # ----------------------------------------------------------------------- metrics
     def metrics(self) -> dict[str, float]:
@@ -424,6 +428,57 @@ class Shampoo(torch.optim.Optimizer):
         state.update(foreach=self.foreach, _plans=self._plans, _counters=self._counters,
                      _warned_nonfinite=self._warned_nonfinite)
         return state
+
+
+def _gather(stack: BlockStack, pieces: list[_Piece],
+            merged: list[torch.Tensor | None]) -> _Gathered:
+    """Copies the gradient blocks of ``stack`` (from ``merged``, per parameter its
+    gradient in the merged shape, None to leave it out) into one ``(rows, *block_shape)``
+    tensor in the work dtype: one strided copy per region, not per block."""
+    present = [piece for piece in pieces if merged[piece.param] is not None]
+    if not present:
+        return _Gathered([], None, [])
+    total = sum(piece.region.num_blocks for piece in present)
+    blocks = torch.empty((total, *stack.block_shape), dtype=stack.work_dtype,
+                         device=stack.device)
+    rows: list[int] = []
+    placements = []
+    position = 0
+    for piece in present:
+        region = piece.region
+        count = region.num_blocks
+        blocks[position:position + count].view((*region.counts, *region.block_shape)).copy_(
+            region_view(merged[piece.param], region))
+        rows.extend(range(piece.row, piece.row + count))
+        placements.append((piece, position))
+        position += count
+    return _Gathered(rows, blocks, placements)
+
+
+def _apply(params: list[torch.Tensor], layouts: list[BlockLayout],
+           updates: dict[int, list[tuple[BlockRegion, torch.Tensor]]],
+           config: ShampooConfig) -> None:
+    """``p <- p - lr * wd * p`` (decoupled) then ``p <- p - lr * u`` for every parameter
+    in ``updates`` (its regions' update blocks), written through region views."""
+    if not updates:
+        return
+    if config.weight_decay and config.decoupled_weight_decay:
+        torch._foreach_mul_([params[pi] for pi in updates], 1 - config.lr * config.weight_decay)
+    targets, deltas = [], []
+    for pi, pieces in updates.items():
+        param, shape = params[pi], layouts[pi].merged_shape
+        if param.is_contiguous():
+            merged = param.view(shape)
+            for region, update in pieces:
+                targets.append(region_view(merged, region))
+                deltas.append(update.to(param.dtype))
+        else:  # e.g. channels_last: assemble the update, then one add
+            full = torch.empty(shape, dtype=param.dtype, device=param.device)
+            for region, update in pieces:
+                region_view(full, region).copy_(update)
+            targets.append(param)
+            deltas.append(full.view(param.shape))
+    torch._foreach_add_(targets, deltas, alpha=-config.lr)
 
 
 def _block_state(stack: BlockStack, row: int) -> dict[str, Any]:

@@ -15,8 +15,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scalable_shampoo.blocking import (BlockLayout, block_layout, merge_blocks, merged_shape,
-                                       split_blocks)
+from scalable_shampoo.blocking import (BlockLayout, block_layout, block_regions, merge_blocks,
+                                       merged_shape, region_view, split_blocks)
 
 # ---------------------------------------------------------------------------------------
 # Independent reference implementation of SPEC 2.1
@@ -393,3 +393,61 @@ def test_zero_size_parameter_round_trips(shape):
     blocks = split_blocks(tensor, layout)
     assert len(blocks) == layout.num_blocks
     assert torch.equal(merge_blocks(blocks, layout), tensor)
+
+
+# ---------------------------------------------------------------------------------------
+# Regions: equal-block boxes gathered with one strided view (the optimizer's fast path)
+# ---------------------------------------------------------------------------------------
+
+
+def _region_blocks(merged, region):
+    return region_view(merged, region).reshape(region.num_blocks, *region.block_shape)
+
+
+@settings(max_examples=300, deadline=None)
+@given(config=configs, one_block_each=st.booleans(), transposed=st.booleans())
+def test_regions_tile_the_layout_and_match_split_blocks(config, one_block_each, transposed):
+    """Every block appears in exactly one region, with the contents split_blocks gives,
+    for contiguous and non-contiguous merged tensors; a parameter has at most 2^k
+    regions (one per block with one_block_each)."""
+    layout = block_layout(config["shape"], config["block_size"], config["max_dim"])
+    gen = torch.Generator().manual_seed(config["seed"])
+    tensor = torch.randn(config["shape"], generator=gen)
+    merged = tensor.reshape(layout.merged_shape)
+    if transposed and merged.dim() >= 2:  # same values, non-contiguous strides
+        merged = merged.mT.contiguous().mT
+    blocks = split_blocks(tensor, layout)
+    regions = block_regions(layout, one_block_each=one_block_each)
+    seen = []
+    for region in regions:
+        assert all(s == region.block_shape for s in
+                   [layout.block_shapes[i] for i in region.block_indices])
+        for block, index in zip(_region_blocks(merged, region), region.block_indices):
+            assert torch.equal(block, blocks[index])
+            seen.append(index)
+    assert sorted(seen) == list(range(layout.num_blocks))
+    if numel(config["shape"]) > 0:
+        limit = layout.num_blocks if one_block_each else 2 ** len(layout.merged_shape)
+        assert len(regions) <= limit
+
+
+def numel(shape):
+    return math.prod(shape)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_region_view_writes_through(transposed):
+    layout = block_layout((10, 7), 4, 100)
+    merged = torch.zeros(10, 7) if not transposed else torch.zeros(7, 10).mT
+    for value, region in enumerate(block_regions(layout), start=1):
+        region_view(merged, region).fill_(value)
+    expected = torch.zeros(10, 7)
+    expected[:8, :4], expected[:8, 4:], expected[8:, :4], expected[8:, 4:] = 1, 2, 3, 4
+    assert torch.equal(merged, expected)
+
+
+def test_many_blocks_are_one_region():
+    layout = block_layout((64, 48), 8, 100)
+    regions = block_regions(layout)
+    assert len(regions) == 1 and regions[0].counts == (8, 6)
+    assert regions[0].num_blocks == layout.num_blocks == 48

@@ -434,3 +434,24 @@ def test_cuda_matches_cpu():
             opt.step()
     for a, b in zip(cpu.parameters(), gpu.parameters()):
         torch.testing.assert_close(a, b.cpu(), rtol=1e-8, atol=1e-10)
+
+
+def test_channels_last_parameters_match_contiguous_ones():
+    """Non-contiguous parameters (channels_last conv kernels) take the assemble-then-add
+    path; with the same gradients the trajectory equals that of contiguous ones."""
+    gen = torch.Generator().manual_seed(0)
+    plain = torch.nn.Parameter(torch.randn(8, 3, 3, 3, generator=gen))
+    channels_last = torch.nn.Parameter(plain.detach().clone().to(
+        memory_format=torch.channels_last))
+    assert not channels_last.is_contiguous()
+    options = dict(lr=0.01, precondition_frequency=2, block_size=9)
+    opt_plain, opt_last = Shampoo([plain], **options), Shampoo([channels_last], **options)
+    for _ in range(5):
+        grad = torch.randn(8, 3, 3, 3, generator=gen)
+        plain.grad = grad
+        channels_last.grad = grad.contiguous(memory_format=torch.channels_last)
+        opt_plain.step()
+        opt_last.step()
+    assert not channels_last.is_contiguous()
+    assert torch.equal(channels_last, plain)
+    assert opt_plain.metrics()["root_computations"] > 0
