@@ -103,6 +103,8 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("mlp512", ((512, 512),) * 4, 512),
     Workload("small128", ((128, 128),) * 24, 512),
     Workload("small128_loop", ((128, 128),) * 24, 512, foreach=False),
+    # Many blocks per parameter: 2 x 64 blocks of 128x128 gathered per region, not per block.
+    Workload("blocked1024_b128", ((1024, 1024),) * 2, 128),
     Workload("big2048_b2048", ((2048, 2048),), 2048, short=True),
     Workload("big2048_b1024", ((2048, 2048),), 1024, short=True),
 )}

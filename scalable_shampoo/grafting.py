@@ -31,17 +31,17 @@ def graft_direction_(method: str, grad: torch.Tensor, state: torch.Tensor | None
     assert state is not None, f"grafting {method!r} needs its accumulator"
     if method == "adagrad":
         state.addcmul_(grad, grad)
-        denom = state.sqrt().add_(epsilon)
-    elif method == "rmsprop":
+    elif method in ("rmsprop", "adam"):
         state.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = state.sqrt().add_(epsilon)
-    elif method == "adam":
-        state.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        # Same operation order as torch.optim.Adam, so the two agree to the last bit.
-        denom = (state.sqrt() / math.sqrt(1 - beta2**step)).add_(epsilon)
     else:
         raise ValueError(f"unknown grafting method {method!r}")
-    return grad / denom
+    # One new buffer, then in place: fresh large CPU tensors cost page faults. The
+    # operation order is torch.optim's, so the methods agree with it to the last bit.
+    denom = state.sqrt()
+    if method == "adam":
+        denom.div_(math.sqrt(1 - beta2**step))
+    denom.add_(epsilon)
+    return torch.div(grad, denom, out=denom)
 
 
 def block_norms(blocks: torch.Tensor) -> torch.Tensor:
@@ -58,10 +58,12 @@ def block_norms(blocks: torch.Tensor) -> torch.Tensor:
     return norms
 
 
-def graft(direction: torch.Tensor, graft_direction: torch.Tensor) -> torch.Tensor:
+def graft(direction: torch.Tensor, graft_direction: torch.Tensor, *,
+          inplace: bool = False) -> torch.Tensor:
     """``direction * ||graft_direction|| / ||direction||`` per block (0 where the
-    direction is 0)."""
+    direction is 0); with ``inplace`` the result is written into ``direction``."""
     direction_norm = block_norms(direction)
     scale = torch.where(direction_norm > 0, block_norms(graft_direction) / direction_norm,
                         torch.zeros_like(direction_norm))
-    return direction * scale.to(direction.dtype).view(-1, *([1] * (direction.dim() - 1)))
+    scale = scale.to(direction.dtype).view(-1, *([1] * (direction.dim() - 1)))
+    return direction.mul_(scale) if inplace else direction * scale

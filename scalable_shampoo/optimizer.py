@@ -24,17 +24,20 @@ STATE_FORMAT = "scalable_shampoo.shampoo/1"
 
 
 def momentum_direction_(momentum: torch.Tensor | None, direction: torch.Tensor,
-                        config: ShampooConfig, step: int) -> torch.Tensor:
-    """SPEC 2.5: ``m <- beta1 m + (1 - beta1) P``; returns ``m_hat`` or, with Nesterov,
-    ``beta1 m_hat + (1 - beta1) P``. ``beta1 == 0`` returns ``P``."""
+                        config: ShampooConfig, step: int) -> tuple[torch.Tensor, float]:
+    """SPEC 2.5: ``m <- beta1 m + (1 - beta1) P``; returns ``(v, scale)`` with
+    ``u = scale * v`` equal to ``m_hat`` or, with Nesterov, ``beta1 m_hat + (1 - beta1) P``
+    (``P`` itself when ``beta1 == 0``). The scalar bias correction is returned, not
+    applied, so that it folds into the learning rate instead of costing a pass; with
+    Nesterov ``direction`` is overwritten."""
     beta1 = config.betas[0]
     if beta1 == 0.0 or momentum is None:
-        return direction
+        return direction, 1.0
     momentum.mul_(beta1).add_(direction, alpha=1 - beta1)
     correction = 1 - beta1**step if config.bias_correction else 1.0
     if config.nesterov:
-        return torch.add(direction * (1 - beta1), momentum, alpha=beta1 / correction)
-    return momentum / correction if correction != 1.0 else momentum
+        return direction.mul_(1 - beta1).add_(momentum, alpha=beta1 / correction), 1.0
+    return momentum, 1.0 / correction
 
 
 @dataclass(frozen=True)
@@ -261,14 +264,18 @@ class Shampoo(torch.optim.Optimizer):
                         for stack, pieces in zip(plan.stacks, plan.pieces)]
 
         updates: dict[int, list[tuple[BlockRegion, torch.Tensor]]] = {}
+        scale = 1.0  # the momentum's bias correction: the same for every stack of a group
         for stack, batch in zip(plan.stacks, gathered):
-            direction = self._stack_direction(stack, batch.rows, batch.blocks, config, step)
+            result = self._stack_direction(stack, batch.rows, batch.blocks, config, step)
+            if result is None:
+                continue
+            direction, scale = result
             for piece, position in batch.placements:
                 region = piece.region
                 update = direction[position:position + region.num_blocks]
                 updates.setdefault(piece.param, []).append(
                     (region, update.view((*region.counts, *region.block_shape))))
-        _apply(params, plan.layouts, updates, config)
+        _apply(params, plan.layouts, updates, config, scale)
 
     def _nonfinite_params(self, plan: _GroupPlan, gathered: list[_Gathered],
                           step: int) -> set[int]:
@@ -296,9 +303,10 @@ class Shampoo(torch.optim.Optimizer):
         return bad
 
     def _stack_direction(self, stack: BlockStack, rows: list[int], blocks: torch.Tensor | None,
-                         config: ShampooConfig, step: int) -> torch.Tensor | None:
+                         config: ShampooConfig, step: int) -> tuple[torch.Tensor, float] | None:
         """Statistics, roots, grafting and momentum for the active ``rows`` of a stack;
-        returns their update directions ``u`` (SPEC 2.2-2.5)."""
+        returns their update directions ``u`` as ``(v, scale)``, ``u = scale * v``
+        (SPEC 2.2-2.5), or None without active rows. Overwrites ``blocks``."""
         stack.ensure_buffers(config)
         everyone = len(rows) == len(stack.members)
         selection = None if everyone else torch.tensor(rows, dtype=torch.long)
@@ -321,11 +329,11 @@ class Shampoo(torch.optim.Optimizer):
         if stack.dims and step >= config.preconditioning_start:
             preconditioned = stack.precondition(state, blocks)
             direction = (preconditioned if config.grafting == "none"
-                         else graft(preconditioned, direction))
-        update = momentum_direction_(state.momentum, direction, config, step)
+                         else graft(preconditioned, direction, inplace=True))
+        update, scale = momentum_direction_(state.momentum, direction, config, step)
         if not everyone:
             stack.state.assign(selection, state)
-        return update
+        return update, scale
 
     # ----------------------------------------------------------------------- metrics
     def metrics(self) -> dict[str, float]:
@@ -457,9 +465,9 @@ def _gather(stack: BlockStack, pieces: list[_Piece],
 
 def _apply(params: list[torch.Tensor], layouts: list[BlockLayout],
            updates: dict[int, list[tuple[BlockRegion, torch.Tensor]]],
-           config: ShampooConfig) -> None:
-    """``p <- p - lr * wd * p`` (decoupled) then ``p <- p - lr * u`` for every parameter
-    in ``updates`` (its regions' update blocks), written through region views."""
+           config: ShampooConfig, scale: float) -> None:
+    """``p <- p - lr * wd * p`` (decoupled) then ``p <- p - lr * scale * v`` for every
+    parameter in ``updates`` (its regions' blocks of ``v``), through region views."""
     if not updates:
         return
     if config.weight_decay and config.decoupled_weight_decay:
@@ -478,7 +486,7 @@ def _apply(params: list[torch.Tensor], layouts: list[BlockLayout],
                 region_view(full, region).copy_(update)
             targets.append(param)
             deltas.append(full.view(param.shape))
-    torch._foreach_add_(targets, deltas, alpha=-config.lr)
+    torch._foreach_add_(targets, deltas, alpha=-config.lr * scale)
 
 
 def _block_state(stack: BlockStack, row: int) -> dict[str, Any]:
