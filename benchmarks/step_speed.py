@@ -39,7 +39,7 @@ the full runs as a check of the model. ``--quick`` (about a minute) runs 40 step
 Usage::
 
     python benchmarks/step_speed.py [--threads 1] [--steps 200] [--quick]
-        [--workloads mlp512,small128,small128_loop,big2048_b2048,big2048_b1024]
+        [--workloads mlp512,small128,small128_loop,blocked1024_b128,big2048_b2048,big2048_b1024]
         [--json PATH] [--profile]
 """
 
