@@ -281,15 +281,16 @@ class Shampoo(torch.optim.Optimizer):
                           step: int) -> set[int]:
         """The parameters whose gradient has NaN/Inf entries (counted, warned once)."""
         bad: set[int] = set()
-        for stack, batch in zip(plan.stacks, gathered):
-            if batch.blocks is None:
-                continue
-            flat = batch.blocks.reshape(batch.blocks.shape[0], -1)
-            # A finite sum proves every entry finite in one cheap pass; the elementwise
-            # test runs only when it is not (NaN/Inf, or a sum that overflowed).
-            if bool(torch.isfinite(flat.sum(dim=1)).all()):
-                continue
-            finite = torch.isfinite(flat).all(dim=1)
+        present = [(stack, batch) for stack, batch in zip(plan.stacks, gathered)
+                   if batch.blocks is not None]
+        # A finite sum proves every entry finite in one cheap pass, and one host sync per
+        # group decides; the elementwise test runs only when some sum is not finite
+        # (NaN/Inf, or a sum that overflowed).
+        sums = [batch.blocks.reshape(batch.blocks.shape[0], -1).sum(dim=1) for _, batch in present]
+        if not sums or bool(torch.isfinite(torch.cat([s.to(sums[0].device) for s in sums])).all()):
+            return bad
+        for stack, batch in present:
+            finite = torch.isfinite(batch.blocks.reshape(batch.blocks.shape[0], -1)).all(dim=1)
             bad.update(stack.members[batch.rows[j]][0]
                        for j in (~finite).nonzero().flatten().tolist())
         if bad:
