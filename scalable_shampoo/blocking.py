@@ -5,6 +5,11 @@ dimensions merged while their product stays <= ``block_size``), then cut into bl
 every merged dimension of size at most ``max_preconditioned_dim`` but above
 ``block_size`` is split into chunks of ``block_size``; a dimension above
 ``max_preconditioned_dim`` is left whole and gets no Kronecker factor.
+
+:func:`split_blocks` / :func:`merge_blocks` are the plain definition (one tensor per
+block). The optimizer's per-step path uses :func:`block_regions` / :func:`region_view`
+instead, which address a whole box of equal blocks with one strided view; tests check
+the two against each other.
 """
 
 from __future__ import annotations

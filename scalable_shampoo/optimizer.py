@@ -88,24 +88,25 @@ def _build_plan(params: list[torch.Tensor], config: ShampooConfig, batched: bool
     for pi, param in enumerate(params):
         layout = block_layout(param.shape, config.block_size, config.max_preconditioned_dim)
         layouts.append(layout)
+        if param.numel() == 0:  # nothing to precondition or update
+            locations.append([])
+            continue
         where: list[tuple[int, int]] = [(-1, -1)] * layout.num_blocks
-        if param.numel() > 0:
-            for region in block_regions(layout, one_block_each=not batched):
-                key = ((region.block_shape, layout.preconditioned_dims, param.dtype,
-                        param.device) if batched else (pi, region.block_indices))
-                if key not in index:
-                    index[key] = len(stacks)
-                    stacks.append(BlockStack(region.block_shape, layout.preconditioned_dims,
-                                             [], _work_dtype(param.dtype), param.device,
-                                             batched))
-                    pieces.append([])
-                si = index[key]
-                stack = stacks[si]
-                pieces[si].append(_Piece(pi, region, len(stack.members)))
-                for bi in region.block_indices:
-                    where[bi] = (si, len(stack.members))
-                    stack.members.append((pi, bi))
-        locations.append(where if param.numel() > 0 else [])
+        for region in block_regions(layout, one_block_each=not batched):
+            key = ((region.block_shape, layout.preconditioned_dims, param.dtype, param.device)
+                   if batched else (pi, region.block_indices))
+            if key not in index:
+                index[key] = len(stacks)
+                stacks.append(BlockStack(region.block_shape, layout.preconditioned_dims, [],
+                                         _work_dtype(param.dtype), param.device, batched))
+                pieces.append([])
+            si = index[key]
+            stack = stacks[si]
+            pieces[si].append(_Piece(pi, region, len(stack.members)))
+            for bi in region.block_indices:
+                where[bi] = (si, len(stack.members))
+                stack.members.append((pi, bi))
+        locations.append(where)
     for stack in stacks:
         stack.allocate(config)
     return _GroupPlan(layouts, stacks, pieces, locations, _structure(config))
