@@ -105,6 +105,13 @@ class ShampooConfig:
         root_failure_threshold: > 0; a root whose residual exceeds it is rejected and
             the previous root stays in use. Default 0.1.
         preconditioner: "shampoo" (inverse-root Kronecker preconditioner). Default "shampoo".
+        root_delay: steps, in [0, precondition_frequency]: roots computed from the
+            statistics of step t are put in use at step t + root_delay, and the first
+            preconditioned step is ``start_preconditioning_step + root_delay``. Part of
+            the algorithm, not of the implementation: the trajectory is the same whether
+            the roots are computed at once or on background workers (``async_roots``).
+            None: 0 when synchronous, ``max(1, precondition_frequency // 2)`` with
+            ``async_roots=True`` (which needs a delay >= 1).
     """
 
     lr: float = 1e-3
@@ -130,6 +137,7 @@ class ShampooConfig:
     newton_tolerance: float = 1e-6
     root_failure_threshold: float = 0.1
     preconditioner: str = "shampoo"
+    root_delay: int | None = None
 
     def __post_init__(self) -> None:
         _check_real("lr", self.lr, 0.0, math.inf)
@@ -164,6 +172,11 @@ class ShampooConfig:
         _check_real("root_failure_threshold", self.root_failure_threshold, 0.0, math.inf,
                     low_open=True)
         _check_choice("preconditioner", self.preconditioner, PRECONDITIONERS)
+        if self.root_delay is not None:
+            _check_int("root_delay", self.root_delay, 0)
+            if self.root_delay > self.precondition_frequency:
+                raise ValueError(f"root_delay must be in [0, precondition_frequency="
+                                 f"{self.precondition_frequency}], got {self.root_delay}")
 
     @property
     def preconditioning_start(self) -> int:

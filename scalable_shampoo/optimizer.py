@@ -14,6 +14,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from .async_roots import (RootEvents, RootScheduler, pending_from_rows, pending_row,
+                          resolve_root_delay)
 from .blocking import BlockLayout, BlockRegion, block_layout, block_regions, region_view
 from .config import STRUCTURAL_FIELDS, ShampooConfig
 from .grafting import graft, graft_direction_
@@ -153,6 +155,14 @@ class Shampoo(torch.optim.Optimizer):
         params: parameters or param groups, as for any ``torch.optim`` optimizer.
         foreach: stack equal-shape blocks and run batched kernels (default). False runs
             one block at a time through the reference kernels: slow, for testing.
+        async_roots: compute inverse roots on background CPU worker threads while
+            training continues (SPEC 4); they go into use ``root_delay`` steps after the
+            statistics they were computed from, exactly as in the synchronous optimizer
+            with the same ``root_delay``. Call :meth:`close` (or use the optimizer as a
+            context manager) to stop the workers early; they also stop when the optimizer
+            is garbage collected. Default False.
+        root_workers: worker threads for ``async_roots`` (each runs one intra-op thread).
+            None: half the cores, at most 4.
     """
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -167,7 +177,9 @@ class Shampoo(torch.optim.Optimizer):
                  nesterov: bool = False, bias_correction: bool = True,
                  decoupled_weight_decay: bool = True, newton_max_iterations: int = 100,
                  newton_tolerance: float = 1e-6, root_failure_threshold: float = 0.1,
-                 preconditioner: str = "shampoo", *, foreach: bool = True) -> None:
+                 preconditioner: str = "shampoo", root_delay: int | None = None, *,
+                 foreach: bool = True, async_roots: bool = False,
+                 root_workers: int | None = None) -> None:
         defaults = ShampooConfig(
             lr=lr, betas=betas, epsilon=epsilon, weight_decay=weight_decay,
             block_size=block_size, max_preconditioned_dim=max_preconditioned_dim,
@@ -180,13 +192,16 @@ class Shampoo(torch.optim.Optimizer):
             bias_correction=bias_correction, decoupled_weight_decay=decoupled_weight_decay,
             newton_max_iterations=newton_max_iterations, newton_tolerance=newton_tolerance,
             root_failure_threshold=root_failure_threshold, preconditioner=preconditioner,
+            root_delay=root_delay,
         ).as_dict()
         if not isinstance(foreach, bool):
             raise ValueError(f"foreach must be True or False, got {foreach!r}")
         self.foreach = foreach
+        self._roots = RootScheduler(async_roots, root_workers)
         self._plans: list[_GroupPlan | None] = []
         self._counters = {"root_computations": 0, "root_failures": 0,
-                          "nonfinite_grad_skips": 0, "root_seconds": 0.0}
+                          "nonfinite_grad_skips": 0, "root_seconds": 0.0,
+                          "root_wait_seconds": 0.0}
         self._warned_nonfinite = False
         super().__init__(params, defaults)
 
@@ -195,7 +210,7 @@ class Shampoo(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            ShampooConfig.from_group(group)
+            resolve_root_delay(ShampooConfig.from_group(group), self._roots.asynchronous)
             for param in group["params"]:
                 if not param.is_floating_point():
                     raise TypeError(f"Shampoo optimizes real floating-point parameters, got "
@@ -235,13 +250,15 @@ class Shampoo(torch.optim.Optimizer):
                 loss = closure()
         # Validate every group before touching any, so a bad value leaves no partial step.
         configs = [ShampooConfig.from_group(group) for group in self.param_groups]
+        delays = [resolve_root_delay(config, self._roots.asynchronous) for config in configs]
         plans = [self._plan(index, config) for index, config in enumerate(configs)]
-        for group, config, plan in zip(self.param_groups, configs, plans):
-            self._step_group(group, config, plan)
+        self._roots.raise_failures([stack for plan in plans for stack in plan.stacks])
+        for group, config, plan, delay in zip(self.param_groups, configs, plans, delays):
+            self._step_group(group, config, plan, delay)
         return loss
 
     def _step_group(self, group: dict[str, Any], config: ShampooConfig,
-                    plan: _GroupPlan) -> None:
+                    plan: _GroupPlan, delay: int) -> None:
         params = group["params"]
         grads = [p.grad for p in params]
         if all(g is None for g in grads):
@@ -267,7 +284,8 @@ class Shampoo(torch.optim.Optimizer):
         updates: dict[int, list[tuple[BlockRegion, torch.Tensor]]] = {}
         scale = 1.0  # the momentum's bias correction: the same for every stack of a group
         for stack, batch in zip(plan.stacks, gathered):
-            result = self._stack_direction(stack, batch.rows, batch.blocks, config, step)
+            result = self._stack_direction(stack, batch.rows, batch.blocks, config, step,
+                                           delay)
             if result is None:
                 continue
             direction, scale = result
@@ -305,10 +323,12 @@ class Shampoo(torch.optim.Optimizer):
         return bad
 
     def _stack_direction(self, stack: BlockStack, rows: list[int], blocks: torch.Tensor | None,
-                         config: ShampooConfig, step: int) -> tuple[torch.Tensor, float] | None:
+                         config: ShampooConfig, step: int,
+                         delay: int) -> tuple[torch.Tensor, float] | None:
         """Statistics, roots, grafting and momentum for the active ``rows`` of a stack;
         returns their update directions ``u`` as ``(v, scale)``, ``u = scale * v``
-        (SPEC 2.2-2.5), or None without active rows. Overwrites ``blocks``."""
+        (SPEC 2.2-2.5), or None without active rows. Roots launched at a root step go
+        into use ``delay`` steps later (SPEC 4). Overwrites ``blocks``."""
         stack.ensure_buffers(config)
         everyone = len(rows) == len(stack.members)
         selection = None if everyone else torch.tensor(rows, dtype=torch.long)
@@ -317,18 +337,18 @@ class Shampoo(torch.optim.Optimizer):
             stack.update_statistics(state, blocks, config.betas[1])
             if not everyone:
                 stack.state.assign(selection, state)
-        if stack.dims and config.is_root_step(step):
-            computed, rejected, seconds = stack.refresh_roots(config, step)
-            self._counters["root_computations"] += computed
-            self._counters["root_failures"] += rejected
-            self._counters["root_seconds"] += seconds
-            if not everyone:
+        if stack.dims:
+            events = self._roots.activate(stack, config, step)
+            if config.is_root_step(step):
+                events += self._roots.launch(stack, config, step, delay)
+            self._count(events)
+            if events.computed and not everyone:
                 state = stack.state.select(selection)
         if not rows:
             return None
         direction = graft_direction_(config.grafting, blocks, state.graft, step,
                                      config.grafting_beta2, config.grafting_epsilon)
-        if stack.dims and step >= config.preconditioning_start:
+        if stack.dims and step >= config.preconditioning_start + delay:
             preconditioned = stack.precondition(state, blocks)
             direction = (preconditioned if config.grafting == "none"
                          else graft(preconditioned, direction, inplace=True))
@@ -336,6 +356,12 @@ class Shampoo(torch.optim.Optimizer):
         if not everyone:
             stack.state.assign(selection, state)
         return update, scale
+
+    def _count(self, events: RootEvents) -> None:
+        self._counters["root_computations"] += events.computed
+        self._counters["root_failures"] += events.rejected
+        self._counters["root_seconds"] += events.seconds
+        self._counters["root_wait_seconds"] += events.wait_seconds
 
     # ----------------------------------------------------------------------- metrics
     def metrics(self) -> dict[str, float]:
@@ -345,18 +371,23 @@ class Shampoo(torch.optim.Optimizer):
         - ``root_failures``: roots rejected (NaN/Inf or residual above threshold); the
           previous root stayed in use.
         - ``nonfinite_grad_skips``: parameter updates skipped for NaN/Inf gradients.
-        - ``root_seconds``: wall time spent computing roots.
+        - ``root_seconds``: wall time spent computing roots (on the workers, with
+          ``async_roots``), counted when they go into use.
+        - ``root_wait_seconds``: time the training thread waited for background roots.
+        - ``roots_in_flight``: block stacks whose new roots are computed but not yet in
+          use (or still being computed).
         - ``root_residual_max``: largest residual among the roots in use.
-        - ``root_age_max``: steps since the oldest root in use was computed (0 before
-          the first root).
+        - ``root_age_max``: steps since the statistics of the oldest root in use (0
+          before the first root); includes ``root_delay``.
         - ``state_bytes``: bytes of optimizer state tensors.
         - ``step``, ``num_blocks``, ``num_block_stacks``.
         """
         plans = [p for p in self._plans if p is not None]
-        residual, age, state_bytes, blocks, stacks = 0.0, 0, 0, 0, 0
+        residual, age, state_bytes, blocks, stacks, in_flight = 0.0, 0, 0, 0, 0, 0
         for plan in plans:
             for stack in plan.stacks:
                 stacks += 1
+                in_flight += stack.pending is not None
                 blocks += len(stack.members)
                 state_bytes += sum(t.numel() * t.element_size() for t in stack.state.tensors())
                 record = stack.record
@@ -367,16 +398,19 @@ class Shampoo(torch.optim.Optimizer):
                         age = max(age, plan.step - int(computed.min()))
         return {
             "step": max((p.step for p in plans), default=0),
-            **{k: float(v) if k == "root_seconds" else int(v) for k, v in self._counters.items()},
+            **{k: float(v) if k.endswith("seconds") else int(v)
+               for k, v in self._counters.items()},
             "root_residual_max": residual, "root_age_max": age, "state_bytes": state_bytes,
-            "num_blocks": blocks, "num_block_stacks": stacks,
+            "num_blocks": blocks, "num_block_stacks": stacks, "roots_in_flight": in_flight,
         }
 
     # -------------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
         """The full state: per parameter (by index, as ``torch.optim``) its step and,
-        per block, the factors, roots in use, grafting and momentum state. Tensors are
-        copies."""
+        per block, the factors, roots in use, grafting and momentum state, and roots
+        computed but not yet in use (waiting for background work in flight). Tensors
+        are copies."""
+        self._wait_for_roots()
         state, groups, offset = {}, [], 0
         for gi, group in enumerate(self.param_groups):
             count = len(group["params"])
@@ -427,6 +461,7 @@ class Shampoo(torch.optim.Optimizer):
                 for bi, (si, row) in enumerate(plan.locations[pi]):
                     _load_block_state(plan.stacks[si], row, entry["blocks"][bi],
                                       f"parameter {key} block {bi}")
+            _load_pending(plan, saved["params"], entries)
         for group, saved in zip(self.param_groups, saved_groups):
             group.update({k: v for k, v in saved.items() if k != "params"})
         self._plans = plans
@@ -434,10 +469,31 @@ class Shampoo(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim pickles only defaults/state/param_groups; ours lives beside them.
+        # Work in flight is waited for, so a copy holds its result (and no thread).
+        self._wait_for_roots()
         state = super().__getstate__()
         state.update(foreach=self.foreach, _plans=self._plans, _counters=self._counters,
-                     _warned_nonfinite=self._warned_nonfinite)
+                     _warned_nonfinite=self._warned_nonfinite, _roots=self._roots)
         return state
+
+    # --------------------------------------------------------------------- lifecycle
+    def _wait_for_roots(self) -> None:
+        for plan in self._plans:
+            for stack in plan.stacks if plan is not None else ():
+                self._roots.wait(stack)
+
+    def close(self) -> None:
+        """Stops the background root workers (``async_roots``). Roots in flight are
+        waited for and kept, so the optimizer stays usable: a later root step starts
+        the workers again."""
+        self._wait_for_roots()
+        self._roots.close()
+
+    def __enter__(self) -> "Shampoo":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
 
 def _gather(stack: BlockStack, pieces: list[_Piece],
@@ -500,7 +556,20 @@ def _block_state(stack: BlockStack, row: int) -> dict[str, Any]:
             "graft": copy(state.graft), "momentum": copy(state.momentum),
             "root_computed_at": record.computed_at[row].clone(),
             "root_residual": record.residual[row].clone(),
-            "root_failures": record.failures[row].clone()}
+            "root_failures": record.failures[row].clone(),
+            "pending_roots": pending_row(stack.pending, row)}
+
+
+def _load_pending(plan: _GroupPlan, keys: list[int], entries: dict[int, Any]) -> None:
+    """Restores the roots computed but not yet in use, per stack, from its blocks."""
+    rows: list[list[dict[str, Any] | None]] = [[None] * len(s.members) for s in plan.stacks]
+    for pi, key in enumerate(keys):
+        entry = entries.get(key)
+        for bi, (si, row) in enumerate(plan.locations[pi] if entry is not None else ()):
+            rows[si][row] = entry["blocks"][bi].get("pending_roots")
+    for si, stack in enumerate(plan.stacks):
+        stack.pending = pending_from_rows(rows[si], stack.result_type, stack.device,
+                                          f"block stack {si} of shape {stack.block_shape}")
 
 
 def _load_block_state(stack: BlockStack, row: int, saved: dict[str, Any], where: str) -> None:

@@ -10,15 +10,17 @@ dimension); the optimizer's for-loop mode runs them, and tests compare the two.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, ClassVar, Sequence
 
 import torch
 
 from .config import ShampooConfig
 from .grafting import needs_state
 from .matrix_functions import RootResult, inverse_root
+
+if TYPE_CHECKING:
+    from .async_roots import PendingRoots
 
 
 # --------------------------------------------------------------------------- kernels
@@ -148,6 +150,7 @@ class BlockStack:
         work_dtype: dtype of directions, roots, grafting and momentum state.
         batched: use the stacked kernels; False runs the one-block reference kernels
             (the for-loop ground truth; such a stack then holds a single block).
+        pending: root work launched but not yet in use (see :mod:`.async_roots`).
     """
 
     block_shape: tuple[int, ...]
@@ -158,6 +161,9 @@ class BlockStack:
     batched: bool
     state: StackState = field(init=False)
     record: RootRecord = field(init=False)
+    pending: PendingRoots | None = field(default=None, init=False)
+    # The type of one element of compute_roots' result (rebuilt from checkpoints).
+    result_type: ClassVar[type] = RootResult
 
     def allocate(self, config: ShampooConfig) -> None:
         n = len(self.members)
@@ -220,12 +226,15 @@ class BlockStack:
                       computed_at: int) -> int:
         """Puts accepted roots in use; a root with NaN/Inf entries or a residual above
         ``root_failure_threshold`` is rejected and the previous one stays. Returns the
-        number of rejected roots."""
+        number of rejected roots. ``results`` may live on the host (background workers),
+        then pinned: the copy to the device does not block."""
         rejected = 0
         for i, (result, roots) in enumerate(zip(results, self.state.roots)):
-            new = result.root.to(roots.dtype)  # checked after the cast: it may overflow
+            # Checked after the cast to the work dtype: a float64 root may overflow it.
+            new = result.root.to(device=roots.device, dtype=roots.dtype, non_blocking=True)
             finite = torch.isfinite(new).flatten(1).all(dim=1)
-            ok = finite & (result.residual <= config.root_failure_threshold)
+            residual = result.residual.to(roots.device, non_blocking=True)
+            ok = finite & (residual <= config.root_failure_threshold)
             roots.copy_(torch.where(ok.view(-1, 1, 1), new, roots))
             ok_cpu = ok.cpu()
             self.record.computed_at[:, i].masked_fill_(ok_cpu, computed_at)
@@ -236,11 +245,6 @@ class BlockStack:
             rejected += int((~ok_cpu).sum())
         return rejected
 
-    def refresh_roots(self, config: ShampooConfig, step: int) -> tuple[int, int, float]:
-        """Synchronous root recomputation: (roots computed, rejected, seconds)."""
-        if not self.dims:
-            return 0, 0, 0.0
-        start = time.perf_counter()
-        results = self.compute_roots(self.root_inputs(config, step), config)
-        rejected = self.install_roots(results, config, step)
-        return len(self.dims) * len(self.members), rejected, time.perf_counter() - start
+    def root_count(self) -> int:
+        """Roots one computation produces: one per block and preconditioned dimension."""
+        return len(self.dims) * len(self.members)

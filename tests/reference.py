@@ -43,6 +43,7 @@ class BlockRef:
     dims: tuple[int, ...]
     factors: dict[int, torch.Tensor] = field(default_factory=dict)
     roots: dict[int, torch.Tensor] = field(default_factory=dict)
+    pending: tuple[int, dict[int, torch.Tensor]] | None = None  # (activation step, roots)
 
 
 @dataclass
@@ -63,14 +64,16 @@ class ReferenceShampoo:
                  block_size=1024, max_preconditioned_dim=8192, precondition_frequency=100,
                  start_preconditioning_step=None, statistics_frequency=1, grafting="adam",
                  grafting_beta2=0.999, grafting_epsilon=1e-8, exponent_multiplier=1.0,
-                 nesterov=False, bias_correction=True, decoupled_weight_decay=True, **_):
+                 nesterov=False, bias_correction=True, decoupled_weight_decay=True,
+                 root_delay=None, **_):
         self.params = params
         self.h = dict(lr=lr, beta1=betas[0], beta2=betas[1], eps=epsilon, wd=weight_decay,
                       pf=precondition_frequency,
                       start=start_preconditioning_step or precondition_frequency,
                       sf=statistics_frequency, grafting=grafting, gb2=grafting_beta2,
                       geps=grafting_epsilon, mult=exponent_multiplier, nesterov=nesterov,
-                      bc=bias_correction, decoupled=decoupled_weight_decay)
+                      bc=bias_correction, decoupled=decoupled_weight_decay,
+                      delay=root_delay or 0)
         self.state = []
         for p, merged in zip(params, merged_shapes):
             assert math.prod(merged) == p.numel()
@@ -126,13 +129,21 @@ class ReferenceShampoo:
                             block.factors[d] += outer
                         else:
                             block.factors[d] = h["beta2"] * block.factors[d] + (1 - h["beta2"]) * outer
+                # SPEC 4: roots from the statistics of step t are used from t + delay on.
+                if block.pending is not None and block.pending[0] == t:
+                    block.roots.update(block.pending[1])
+                    block.pending = None
                 if block.dims and t >= h["start"] and (t - h["start"]) % h["pf"] == 0:
                     updates = (t - 1) // h["sf"] + 1
                     c = 1.0 if h["beta2"] == 1 else 1 - h["beta2"] ** updates
                     exponent = h["mult"] / (2 * len(block.dims))
-                    for d in block.dims:
-                        block.roots[d] = reference_root(block.factors[d] / c, exponent, h["eps"])
-                if block.dims and t >= h["start"]:
+                    new = {d: reference_root(block.factors[d] / c, exponent, h["eps"])
+                           for d in block.dims}
+                    if h["delay"] == 0:
+                        block.roots.update(new)
+                    else:
+                        block.pending = (t + h["delay"], new)
+                if block.dims and t >= h["start"] + h["delay"]:
                     mats = [block.roots[d] if d in block.dims
                             else torch.eye(block.shape[d], dtype=torch.float64)
                             for d in range(len(block.shape))]

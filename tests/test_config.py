@@ -221,6 +221,14 @@ ERROR_INPUTS = [
          "preconditioner-case"),
     _row(dict(preconditioner=None), ValueError, r"preconditioner must be one of",
          "preconditioner-none"),
+    # root_delay: None or an integer in [0, precondition_frequency]
+    _row(dict(root_delay=-1), ValueError, r"root_delay must be an integer >= 0",
+         "root_delay-negative"),
+    _row(dict(root_delay=2.0), ValueError, r"root_delay must be an integer >= 0",
+         "root_delay-float"),
+    _row(dict(root_delay=11, precondition_frequency=10), ValueError,
+         r"root_delay must be in \[0, precondition_frequency=10\], got 11",
+         "root_delay-above-frequency"),
 ]
 
 # A value that passes validation for each field, to restore a group after a failure.
@@ -387,6 +395,8 @@ VALID_EDGES = [
     dict(root_failure_threshold=1e-300),
     dict(root_failure_threshold=1e300),
     dict(preconditioner="shampoo"),
+    dict(root_delay=0),
+    dict(root_delay=7, precondition_frequency=7),
 ]
 
 

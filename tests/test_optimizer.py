@@ -45,6 +45,10 @@ CONFIGS = {
     "coupled_wd": dict(lr=0.05, weight_decay=0.1, decoupled_weight_decay=False,
                        grafting="adagrad", precondition_frequency=2),
     "exponent_multiplier": dict(lr=0.05, exponent_multiplier=1.5, precondition_frequency=2),
+    "root_delay": dict(lr=0.05, precondition_frequency=4, start_preconditioning_step=2,
+                       root_delay=3),
+    "root_delay_full_period": dict(lr=0.05, betas=(0.9, 1.0), precondition_frequency=3,
+                                   root_delay=3),
 }
 
 STEPS = 22

@@ -108,8 +108,9 @@ def test_roots_are_bias_corrected_inverse_roots():
     blocks = torch.randn(3, 4, 3, generator=gen)
     for _ in range(5):
         update_factors_(stack.state.factors, blocks, stack.dims, 0.95)
-    computed, rejected, _ = stack.refresh_roots(config, step=5)
-    assert (computed, rejected) == (6, 0)
+    results = stack.compute_roots(stack.root_inputs(config, step=5), config)
+    assert stack.install_roots(results, config, computed_at=5) == 0
+    assert stack.root_count() == 6
     for j, d in enumerate(stack.dims):
         for i in range(3):
             expected = reference_root(stack.state.factors[j][i].double() / (1 - 0.95**5),
