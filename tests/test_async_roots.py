@@ -209,8 +209,9 @@ def test_context_manager_and_garbage_collection_stop_workers():
 def _checkpoint_in_flight(monkeypatch, load_async: bool, save_async: bool = True):
     """Saves right after a root step (work in flight when async), resumes in a fresh
     optimizer, and compares with the uninterrupted run."""
-    expected, _ = _sync_run(3)
-    _slow_roots(monkeypatch, 0.05)
+    total = 30
+    expected, _ = _sync_run(3, steps=total)
+    _slow_roots(monkeypatch, 0.02)
     model = _model()
     opt = Shampoo(model.parameters(), **_options(root_delay=3), async_roots=save_async)
     _train(model, opt, 9)  # step 9 is a root step: its roots activate at 12
@@ -226,7 +227,7 @@ def _checkpoint_in_flight(monkeypatch, load_async: bool, save_async: bool = True
     resumed.load_state_dict(saved["model"])
     new_opt = Shampoo(resumed.parameters(), **_options(root_delay=3), async_roots=load_async)
     new_opt.load_state_dict(saved["opt"])
-    _train(resumed, new_opt, STEPS - 9, start=9)
+    _train(resumed, new_opt, total - 9, start=9)
     new_opt.close()
     _assert_same(_params(resumed), expected)
 
@@ -239,7 +240,7 @@ def test_checkpoint_with_roots_in_flight_resumes_bitwise(monkeypatch, save_async
 @pytest.mark.parametrize("clone", [copy.deepcopy, lambda o: pickle.loads(pickle.dumps(o))],
                          ids=["deepcopy", "pickle"])
 def test_copy_while_in_flight_continues_identically(monkeypatch, clone):
-    _slow_roots(monkeypatch, 0.05)
+    _slow_roots(monkeypatch, 0.02)
     model = _model()
     opt = Shampoo(model.parameters(), **_options(root_delay=3), async_roots=True)
     _train(model, opt, 9)
