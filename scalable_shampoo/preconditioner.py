@@ -230,13 +230,17 @@ class BlockStack:
         then pinned: the copy to the device does not block."""
         rejected = 0
         for i, (result, roots) in enumerate(zip(results, self.state.roots)):
-            # Checked after the cast to the work dtype: a float64 root may overflow it.
-            new = result.root.to(device=roots.device, dtype=roots.dtype, non_blocking=True)
-            finite = torch.isfinite(new).flatten(1).all(dim=1)
-            residual = result.residual.to(roots.device, non_blocking=True)
-            ok = finite & (residual <= config.root_failure_threshold)
-            roots.copy_(torch.where(ok.view(-1, 1, 1), new, roots))
+            # Decided where the result lives (the host, for background work: no device
+            # sync), after the cast to the work dtype: a float64 root may overflow it.
+            finite = torch.isfinite(result.root.to(roots.dtype)).flatten(1).all(dim=1)
+            ok = finite & (result.residual <= config.root_failure_threshold)
             ok_cpu = ok.cpu()
+            new = result.root.to(roots.device, non_blocking=True)
+            if bool(ok_cpu.all()):
+                roots.copy_(new)
+            elif bool(ok_cpu.any()):
+                keep = ok.to(roots.device, non_blocking=True).view(-1, 1, 1)
+                roots.copy_(torch.where(keep, new, roots))
             self.record.computed_at[:, i].masked_fill_(ok_cpu, computed_at)
             self.record.residual[:, i] = torch.where(
                 ok_cpu, result.residual.detach().to("cpu", torch.float64),
