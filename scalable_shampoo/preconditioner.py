@@ -41,7 +41,9 @@ def update_factors_(factors: Sequence[torch.Tensor], blocks: torch.Tensor,
 
 def precondition(blocks: torch.Tensor, roots: dict[int, torch.Tensor]) -> torch.Tensor:
     """``B x_1 Q_1 x_2 Q_2 ...`` for stacked blocks ``(N, *shape)``; ``roots[dim]`` is
-    ``(N, d, d)`` and symmetric, dimensions without a root are left as they are.
+    ``(N, d, d)`` and symmetric, dimensions without a root are left as they are. (Each
+    block dimension is contracted with the matrix's first index, so a non-symmetric
+    ``M`` gives ``B x_i M^T``: the eigenvalue-corrected rotations use that.)
 
     Each pass contracts the leading block dimension with its root and moves it last, so
     after one pass per dimension the order is restored and every product is a ``bmm``
@@ -204,8 +206,9 @@ class BlockStack:
         return self.multiply(blocks, state.roots)
 
     def multiply(self, blocks: torch.Tensor, matrices: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``B x_i M_i`` over the preconditioned dimensions (see :func:`precondition`),
-        ``matrices[i]`` of shape ``(N, d, d)`` for ``dims[i]``."""
+        """:func:`precondition` of ``blocks`` by ``matrices[i]`` ``(N, d, d)`` along each
+        ``dims[i]``: ``B x_i M_i^T`` (``B x_i M_i`` for symmetric roots), batched or one
+        block at a time."""
         if self.batched:
             return precondition(blocks, dict(zip(self.dims, matrices)))
         return torch.stack([

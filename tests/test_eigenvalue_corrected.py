@@ -428,3 +428,44 @@ def test_factor_beta_sets_the_factor_ema_of_classic_shampoo():
         opt_a.step()
         opt_b.step()
     assert torch.equal(a[0], b[0])
+
+
+def test_bfloat16_parameters_keep_float32_state_and_train():
+    gen = torch.Generator().manual_seed(8)
+    target = torch.randn(6, 5, generator=gen)
+    params = {dtype: torch.nn.Parameter(torch.zeros(6, 5, dtype=dtype))
+              for dtype in (torch.bfloat16, torch.float32)}
+    losses = {}
+    for dtype, param in params.items():
+        opt = Shampoo([param], **EC_CONFIGS["ec_eigh"], block_size=6)
+        for _ in range(12):
+            opt.zero_grad()
+            loss = ((param.float() - target) ** 2).sum()
+            loss.backward()
+            opt.step()
+        losses[dtype] = loss.item()
+        block = opt.state_dict()["state"][0]["blocks"][0]
+        assert block["second_moment"].dtype == block["roots"][0].dtype == torch.float32
+    assert losses[torch.bfloat16] < 0.95 * (target ** 2).sum().item()
+    assert abs(losses[torch.bfloat16] - losses[torch.float32]) < 0.05 * losses[torch.float32]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("config_name", sorted(EC_CONFIGS))
+def test_cuda_matches_cpu(config_name):
+    shapes = [(6, 5), (7,), (3, 4, 5), (), (20, 3)]
+    cpu = _params(shapes, torch.float64)
+    gpu = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
+    options = dict(**EC_CONFIGS[config_name], block_size=4, max_preconditioned_dim=10,
+                   factor_dtype=torch.float64)
+    opt_cpu, opt_gpu = Shampoo(cpu, **options), Shampoo(gpu, **options)
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(12):
+        for p, q in zip(cpu, gpu):
+            p.grad = torch.randn(p.shape, dtype=torch.float64, generator=gen)
+            q.grad = p.grad.cuda()
+        opt_cpu.step()
+        opt_gpu.step()
+    for a, b in zip(cpu, gpu):
+        torch.testing.assert_close(a, b.cpu(), rtol=1e-8, atol=1e-10)
+    assert opt_cpu.metrics()["basis_refreshes"] == opt_gpu.metrics()["basis_refreshes"]
