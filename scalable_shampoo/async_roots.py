@@ -104,7 +104,7 @@ def _host_snapshot(inputs: Any, stream: torch.cuda.Stream) -> tuple[Any, torch.c
     stream.wait_stream(torch.cuda.current_stream())
 
     def copy(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor) and value.is_cuda:
             host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
             host.copy_(value, non_blocking=True)
             value.record_stream(stream)  # keep the device snapshot alive until copied

@@ -17,7 +17,10 @@ import torch
 
 GRAFTING_METHODS = ("none", "sgd", "adagrad", "rmsprop", "adam")
 ROOT_METHODS = ("eigh", "newton")
-PRECONDITIONERS = ("shampoo",)
+PRECONDITIONERS = ("shampoo", "eigenvalue_corrected")
+EIGENBASIS_METHODS = ("eigh", "qr")
+# The grafting method each preconditioner uses when ``grafting`` is left as None.
+DEFAULT_GRAFTING = {"shampoo": "adam", "eigenvalue_corrected": "none"}
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
 # Fields whose change after the first step would change the state's layout.
@@ -67,8 +70,10 @@ class ShampooConfig:
         lr: step size, >= 0. Default 1e-3.
         betas: ``(beta1, beta2)``. ``beta1`` in [0, 1) is the momentum EMA of the
             update direction (0: no momentum); ``beta2`` in (0, 1] is the EMA of the
-            Kronecker factors, where 1 means the plain running sum (Adagrad-style).
-            Default (0.9, 0.999).
+            Kronecker factors (unless ``factor_beta`` is set), where 1 means the plain
+            running sum (Adagrad-style). With ``preconditioner="eigenvalue_corrected"``
+            they are Adam's betas of the first and (rotated) second moment; there
+            ``beta2 = 1`` is the running sum without bias correction. Default (0.9, 0.999).
         epsilon: > 0, added to every factor's eigenvalues (after clamping them at 0)
             before the inverse root. Absolute, in units of squared gradient. Default 1e-12.
         weight_decay: >= 0. Decoupled (AdamW-style, ``p -= lr * wd * p``) unless
@@ -84,7 +89,11 @@ class ShampooConfig:
         statistics_frequency: >= 1; factors are updated at steps 1, 1+k, 1+2k, ...
             Default 1.
         grafting: one of "none", "sgd", "adagrad", "rmsprop", "adam": the first-order
-            method whose per-block step norm the Shampoo direction takes. Default "adam".
+            method whose per-block step norm the preconditioned direction takes. None
+            (the default) means "adam" for ``preconditioner="shampoo"`` and "none" for
+            "eigenvalue_corrected"; it is resolved here, so the attribute always holds
+            a method's name (a param group keeps None and resolves by its own
+            preconditioner).
         grafting_beta2: in (0, 1), second-moment EMA of rmsprop/adam grafting (1 would
             freeze the accumulator at 0). Default 0.999.
         grafting_epsilon: > 0, denominator guard of adagrad/rmsprop/adam grafting.
@@ -98,20 +107,37 @@ class ShampooConfig:
         exponent_multiplier: > 0; a block with k preconditioned dimensions uses the
             exponent ``exponent_multiplier / (2 k)``. Default 1.
         nesterov: Nesterov momentum. Default False.
-        bias_correction: divide the momentum by ``1 - beta1^t``. Default True.
+        bias_correction: divide the momentum by ``1 - beta1^t`` (eigenvalue_corrected:
+            also the second moment by ``1 - beta2^t``, as Adam). Default True.
         decoupled_weight_decay: see ``weight_decay``. Default True.
         newton_max_iterations: >= 1, iteration cap of the Newton root. Default 100.
         newton_tolerance: > 0, Newton stops once ``max|M - I|`` is below it. Default 1e-6.
         root_failure_threshold: > 0; a root whose residual exceeds it is rejected and
             the previous root stays in use. Default 0.1.
-        preconditioner: "shampoo" (inverse-root Kronecker preconditioner). Default "shampoo".
+        preconditioner: "shampoo" (inverse roots of the Kronecker factors, SPEC 2.3-2.5)
+            or "eigenvalue_corrected" (Adam in the factors' eigenbases, SOAP, SPEC 2.6;
+            ``epsilon``, ``root_method``, ``exponent_multiplier``, ``newton_*`` and
+            ``root_failure_threshold`` do not apply to it). Default "shampoo".
+        eigenbasis_method: eigenvalue_corrected only: how a factor's eigenbasis is
+            refreshed after the first one (always "eigh"): "eigh" (recomputed) or "qr"
+            (one power step ``S U`` and a QR decomposition, warm-started from the
+            previous basis; cheaper, tracks slowly changing factors). Default "eigh".
+        basis_refresh_tolerance: >= 0, eigenvalue_corrected only. A refresh of a
+            factor's basis ``U`` is skipped while ``||offdiag(U^T S U)||_F <= tol *
+            ||S||_F`` (relative, unitless); 0 refreshes always. Default 0.
+        factor_beta: None or in (0, 1]: the EMA of the Kronecker factors (1: running
+            sum). None uses ``betas[1]``. SOAP typically uses 0.95. Default None.
+        adam_epsilon: > 0, eigenvalue_corrected only: added to ``sqrt(v_hat)`` in the
+            denominator of the rotated Adam step, in gradient units (at least the work
+            dtype's smallest normal number). Default 1e-8.
         root_delay: steps, in [0, precondition_frequency]: roots computed from the
             statistics of step t are put in use at step t + root_delay, and the first
             preconditioned step is ``start_preconditioning_step + root_delay``. Part of
             the algorithm, not of the implementation: the trajectory is the same whether
             the roots are computed at once or on background workers (``async_roots``).
             None: 0 when synchronous, ``max(1, precondition_frequency // 2)`` with
-            ``async_roots=True`` (which needs a delay >= 1).
+            ``async_roots=True`` (which needs a delay >= 1). With
+            eigenvalue_corrected the eigenbases are delayed the same way.
     """
 
     lr: float = 1e-3
@@ -123,7 +149,7 @@ class ShampooConfig:
     precondition_frequency: int = 100
     start_preconditioning_step: int | None = None
     statistics_frequency: int = 1
-    grafting: str = "adam"
+    grafting: str | None = None
     grafting_beta2: float = 0.999
     grafting_epsilon: float = 1e-8
     root_method: str = "eigh"
@@ -138,6 +164,10 @@ class ShampooConfig:
     root_failure_threshold: float = 0.1
     preconditioner: str = "shampoo"
     root_delay: int | None = None
+    eigenbasis_method: str = "eigh"
+    basis_refresh_tolerance: float = 0.0
+    factor_beta: float | None = None
+    adam_epsilon: float = 1e-8
 
     def __post_init__(self) -> None:
         _check_real("lr", self.lr, 0.0, math.inf)
@@ -155,6 +185,9 @@ class ShampooConfig:
         if self.start_preconditioning_step is not None:
             _check_int("start_preconditioning_step", self.start_preconditioning_step, 1)
         _check_int("statistics_frequency", self.statistics_frequency, 1)
+        _check_choice("preconditioner", self.preconditioner, PRECONDITIONERS)
+        if self.grafting is None:
+            object.__setattr__(self, "grafting", DEFAULT_GRAFTING[self.preconditioner])
         _check_choice("grafting", self.grafting, GRAFTING_METHODS)
         _check_real("grafting_beta2", self.grafting_beta2, 0.0, 1.0, low_open=True,
                     high_open=True)
@@ -171,12 +204,21 @@ class ShampooConfig:
         _check_real("newton_tolerance", self.newton_tolerance, 0.0, math.inf, low_open=True)
         _check_real("root_failure_threshold", self.root_failure_threshold, 0.0, math.inf,
                     low_open=True)
-        _check_choice("preconditioner", self.preconditioner, PRECONDITIONERS)
         if self.root_delay is not None:
             _check_int("root_delay", self.root_delay, 0)
             if self.root_delay > self.precondition_frequency:
                 raise ValueError(f"root_delay must be in [0, precondition_frequency="
                                  f"{self.precondition_frequency}], got {self.root_delay}")
+        _check_choice("eigenbasis_method", self.eigenbasis_method, EIGENBASIS_METHODS)
+        _check_real("basis_refresh_tolerance", self.basis_refresh_tolerance, 0.0, math.inf)
+        if self.factor_beta is not None:
+            _check_real("factor_beta", self.factor_beta, 0.0, 1.0, low_open=True)
+        _check_real("adam_epsilon", self.adam_epsilon, 0.0, math.inf, low_open=True)
+
+    @property
+    def factor_ema(self) -> float:
+        """The EMA coefficient of the Kronecker factors: ``factor_beta``, else ``beta2``."""
+        return self.betas[1] if self.factor_beta is None else self.factor_beta
 
     @property
     def preconditioning_start(self) -> int:

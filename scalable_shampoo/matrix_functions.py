@@ -57,6 +57,13 @@ def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return values, vectors
 
 
+def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of the symmetric part of each matrix of
+    the batch; a matrix whose decomposition does not converge gets NaN values and vectors
+    instead of failing the batch."""
+    return _eigh(_symmetric(matrix))
+
+
 def inverse_root_eigh(matrix: torch.Tensor, exponent: float,
                       epsilon: float = 0.0) -> RootResult:
     """``(A + epsilon I)^(-exponent)`` by symmetric eigendecomposition.

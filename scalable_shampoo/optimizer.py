@@ -18,11 +18,14 @@ from .async_roots import (RootEvents, RootScheduler, pending_from_rows, pending_
                           resolve_root_delay)
 from .blocking import BlockLayout, BlockRegion, block_layout, block_regions, region_view
 from .config import STRUCTURAL_FIELDS, ShampooConfig
+from .eigenvalue_corrected import (EigenvalueCorrectedStack, basis_metrics,
+                                   eigenvalue_corrected_direction_)
 from .grafting import graft, graft_direction_
 from .matrix_functions import newton_fraction
 from .preconditioner import BlockStack, StackState
 
 STATE_FORMAT = "scalable_shampoo.shampoo/1"
+STACK_TYPES = {"shampoo": BlockStack, "eigenvalue_corrected": EigenvalueCorrectedStack}
 
 
 def momentum_direction_(momentum: torch.Tensor | None, direction: torch.Tensor,
@@ -99,7 +102,8 @@ def _build_plan(params: list[torch.Tensor], config: ShampooConfig, batched: bool
                    if batched else (pi, region.block_indices))
             if key not in index:
                 index[key] = len(stacks)
-                stacks.append(BlockStack(region.block_shape, layout.preconditioned_dims, [],
+                stack_type = STACK_TYPES[config.preconditioner]
+                stacks.append(stack_type(region.block_shape, layout.preconditioned_dims, [],
                                          _work_dtype(param.dtype), param.device, batched))
                 pieces.append([])
             si = index[key]
@@ -132,7 +136,7 @@ class _Gathered:
 def _check_newton_exponents(plan: _GroupPlan, config: ShampooConfig, index: int) -> None:
     """Fails before the first step, not at the first root step, when the Newton root
     cannot compute some block's exponent."""
-    if config.root_method != "newton":
+    if config.root_method != "newton" or config.preconditioner != "shampoo":
         return
     for stack in plan.stacks:
         if stack.dims:
@@ -170,14 +174,16 @@ class Shampoo(torch.optim.Optimizer):
                  epsilon: float = 1e-12, weight_decay: float = 0.0, block_size: int = 1024,
                  max_preconditioned_dim: int = 8192, precondition_frequency: int = 100,
                  start_preconditioning_step: int | None = None,
-                 statistics_frequency: int = 1, grafting: str = "adam",
+                 statistics_frequency: int = 1, grafting: str | None = None,
                  grafting_beta2: float = 0.999, grafting_epsilon: float = 1e-8,
                  root_method: str = "eigh", root_dtype: torch.dtype = torch.float64,
                  factor_dtype: torch.dtype = torch.float32, exponent_multiplier: float = 1.0,
                  nesterov: bool = False, bias_correction: bool = True,
                  decoupled_weight_decay: bool = True, newton_max_iterations: int = 100,
                  newton_tolerance: float = 1e-6, root_failure_threshold: float = 0.1,
-                 preconditioner: str = "shampoo", root_delay: int | None = None, *,
+                 preconditioner: str = "shampoo", eigenbasis_method: str = "eigh",
+                 basis_refresh_tolerance: float = 0.0, factor_beta: float | None = None,
+                 adam_epsilon: float = 1e-8, root_delay: int | None = None, *,
                  foreach: bool = True, async_roots: bool = False,
                  root_workers: int | None = None) -> None:
         defaults = ShampooConfig(
@@ -193,7 +199,10 @@ class Shampoo(torch.optim.Optimizer):
             newton_max_iterations=newton_max_iterations, newton_tolerance=newton_tolerance,
             root_failure_threshold=root_failure_threshold, preconditioner=preconditioner,
             root_delay=root_delay,
+            eigenbasis_method=eigenbasis_method, basis_refresh_tolerance=basis_refresh_tolerance,
+            factor_beta=factor_beta, adam_epsilon=adam_epsilon,
         ).as_dict()
+        defaults["grafting"] = grafting  # None stays: each group resolves by its preconditioner
         if not isinstance(foreach, bool):
             raise ValueError(f"foreach must be True or False, got {foreach!r}")
         self.foreach = foreach
@@ -334,7 +343,7 @@ class Shampoo(torch.optim.Optimizer):
         selection = None if everyone else torch.tensor(rows, dtype=torch.long)
         state = stack.state if everyone else stack.state.select(selection)
         if rows and stack.dims and config.is_statistics_step(step):
-            stack.update_statistics(state, blocks, config.betas[1])
+            stack.update_statistics(state, blocks, config.factor_ema)
             if not everyone:
                 stack.state.assign(selection, state)
         if stack.dims:
@@ -346,6 +355,9 @@ class Shampoo(torch.optim.Optimizer):
                 state = stack.state.select(selection)
         if not rows:
             return None
+        if isinstance(stack, EigenvalueCorrectedStack):
+            return self._eigenvalue_corrected_direction(stack, state, selection, blocks,
+                                                        config, step)
         direction = graft_direction_(config.grafting, blocks, state.graft, step,
                                      config.grafting_beta2, config.grafting_epsilon)
         if stack.dims and step >= config.preconditioning_start + delay:
@@ -363,23 +375,41 @@ class Shampoo(torch.optim.Optimizer):
         self._counters["root_seconds"] += events.seconds
         self._counters["root_wait_seconds"] += events.wait_seconds
 
+    @staticmethod
+    def _eigenvalue_corrected_direction(stack: EigenvalueCorrectedStack, state: StackState,
+                                        selection: torch.Tensor | None, blocks: torch.Tensor,
+                                        config: ShampooConfig, step: int
+                                        ) -> tuple[torch.Tensor, float]:
+        """SPEC 2.6 for a stack's active rows (``selection``; None: all rows): Adam in
+        the factors' eigenbases, whose first moment replaces the momentum of 2.5."""
+        update, scale = eigenvalue_corrected_direction_(stack, state, blocks, config, step)
+        if selection is not None:
+            stack.state.assign(selection, state)
+        return update, scale
+
     # ----------------------------------------------------------------------- metrics
     def metrics(self) -> dict[str, float]:
         """Flat diagnostics (SPEC 6). Counters are totals since construction:
 
-        - ``root_computations``: inverse roots computed (one per factor and refresh).
+        - ``root_computations``: inverse roots computed (one per factor and refresh;
+          eigenvalue-corrected blocks: basis refreshes, done or skipped).
         - ``root_failures``: roots rejected (NaN/Inf or residual above threshold); the
-          previous root stayed in use.
+          previous root stayed in use (eigenvalue-corrected blocks: bases rejected).
         - ``nonfinite_grad_skips``: parameter updates skipped for NaN/Inf gradients.
         - ``root_seconds``: wall time spent computing roots (on the workers, with
           ``async_roots``), counted when they go into use.
         - ``root_wait_seconds``: time the training thread waited for background roots.
         - ``roots_in_flight``: block stacks whose new roots are computed but not yet in
           use (or still being computed).
-        - ``root_residual_max``: largest residual among the roots in use.
         - ``root_age_max``: steps since the statistics of the oldest root in use (0
           before the first root); includes ``root_delay``.
+        - ``root_residual_max``: largest residual among the roots in use
+          (eigenvalue-corrected blocks: the drift ``||offdiag(U^T S U)||_F / ||S||_F``
+          of the bases last measured, with ``basis_refresh_tolerance > 0``).
         - ``state_bytes``: bytes of optimizer state tensors.
+        - ``basis_refreshes``, ``basis_refreshes_skipped``, ``basis_failures``: bases
+          of eigenvalue-corrected blocks recomputed, skipped (``basis_refresh_tolerance``)
+          and rejected (NaN/Inf; the previous basis stayed in use).
         - ``step``, ``num_blocks``, ``num_block_stacks``.
         """
         plans = [p for p in self._plans if p is not None]
@@ -402,14 +432,16 @@ class Shampoo(torch.optim.Optimizer):
                for k, v in self._counters.items()},
             "root_residual_max": residual, "root_age_max": age, "state_bytes": state_bytes,
             "num_blocks": blocks, "num_block_stacks": stacks, "roots_in_flight": in_flight,
+            **basis_metrics(stack for plan in plans for stack in plan.stacks),
         }
 
     # -------------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
         """The full state: per parameter (by index, as ``torch.optim``) its step and,
-        per block, the factors, roots in use, grafting and momentum state, and roots
-        computed but not yet in use (waiting for background work in flight). Tensors
-        are copies."""
+        per block, the factors, roots in use, grafting and momentum state (eigenvalue-
+        corrected blocks: the bases in "roots", the rotated moments, the basis counts),
+        and roots computed but not yet in use (waiting for background work in flight).
+        Tensors are copies."""
         self._wait_for_roots()
         state, groups, offset = {}, [], 0
         for gi, group in enumerate(self.param_groups):
@@ -557,7 +589,8 @@ def _block_state(stack: BlockStack, row: int) -> dict[str, Any]:
             "root_computed_at": record.computed_at[row].clone(),
             "root_residual": record.residual[row].clone(),
             "root_failures": record.failures[row].clone(),
-            "pending_roots": pending_row(stack.pending, row)}
+            "pending_roots": pending_row(stack.pending, row),
+            **{name: t[row].clone() for name, t in stack.extra_state().items()}}
 
 
 def _load_pending(plan: _GroupPlan, keys: list[int], entries: dict[int, Any]) -> None:
@@ -597,5 +630,6 @@ def _load_block_state(stack: BlockStack, row: int, saved: dict[str, Any], where:
             put(getattr(state, name), saved[name], name)
     for name, target in (("root_computed_at", stack.record.computed_at),
                          ("root_residual", stack.record.residual),
-                         ("root_failures", stack.record.failures)):
-        put(target, saved[name], name)
+                         ("root_failures", stack.record.failures),
+                         *stack.extra_state().items()):
+        put(target, saved.get(name), name)

@@ -43,7 +43,9 @@ def update_factors_(factors: Sequence[torch.Tensor], blocks: torch.Tensor,
 
 def precondition(blocks: torch.Tensor, roots: dict[int, torch.Tensor]) -> torch.Tensor:
     """``B x_1 Q_1 x_2 Q_2 ...`` for stacked blocks ``(N, *shape)``; ``roots[dim]`` is
-    ``(N, d, d)`` and symmetric, dimensions without a root are left as they are.
+    ``(N, d, d)`` and symmetric, dimensions without a root are left as they are. (Each
+    block dimension is contracted with the matrix's first index, so a non-symmetric
+    ``M`` gives ``B x_i M^T``: the eigenvalue-corrected rotations use that.)
 
     Each pass contracts the leading block dimension with its root and moves it last, so
     after one pass per dimension the order is restored and every product is a ``bmm``
@@ -92,22 +94,27 @@ class StackState:
     Attributes:
         factors: per preconditioned dimension, ``(N, d, d)`` in ``factor_dtype``.
         roots: per preconditioned dimension, ``(N, d, d)`` inverse roots in use, in the
-            work dtype (identity until the first accepted root).
+            work dtype (identity until the first accepted root); the eigenbases in use
+            for eigenvalue-corrected stacks (:mod:`.eigenvalue_corrected`).
         graft: ``(N, *shape)`` grafting accumulator, or None.
-        momentum: ``(N, *shape)`` first moment of the update, or None.
+        momentum: ``(N, *shape)`` first moment of the update, or None (eigenvalue-
+            corrected stacks: of the gradient, kept in the rotated space).
+        second_moment: ``(N, *shape)`` the rotated second moment ``v`` of
+            eigenvalue-corrected stacks, None for the others.
     """
 
     factors: list[torch.Tensor]
     roots: list[torch.Tensor]
     graft: torch.Tensor | None
     momentum: torch.Tensor | None
+    second_moment: torch.Tensor | None = None
 
     def select(self, rows: torch.Tensor) -> "StackState":
         """A copy of the state of ``rows`` (indices into the stack)."""
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.index_select(0, rows.to(t.device))
         return StackState([pick(f) for f in self.factors], [pick(r) for r in self.roots],
-                          pick(self.graft), pick(self.momentum))
+                          pick(self.graft), pick(self.momentum), pick(self.second_moment))
 
     def assign(self, rows: torch.Tensor, other: "StackState") -> None:
         """Writes ``other`` (the state of ``rows``) back into this stack."""
@@ -118,10 +125,11 @@ class StackState:
             put(mine, theirs)
         put(self.graft, other.graft)
         put(self.momentum, other.momentum)
+        put(self.second_moment, other.second_moment)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in [*self.factors, *self.roots, self.graft, self.momentum]
-                if t is not None]
+        return [t for t in [*self.factors, *self.roots, self.graft, self.momentum,
+                            self.second_moment] if t is not None]
 
 
 @dataclass
@@ -201,17 +209,28 @@ class BlockStack:
                                           self.dims, beta2)
 
     def precondition(self, state: StackState, blocks: torch.Tensor) -> torch.Tensor:
+        return self.multiply(blocks, state.roots)
+
+    def multiply(self, blocks: torch.Tensor, matrices: Sequence[torch.Tensor]) -> torch.Tensor:
+        """:func:`precondition` of ``blocks`` by ``matrices[i]`` ``(N, d, d)`` along each
+        ``dims[i]``: ``B x_i M_i^T`` (``B x_i M_i`` for symmetric roots), batched or one
+        block at a time."""
         if self.batched:
-            return precondition(blocks, dict(zip(self.dims, state.roots)))
+            return precondition(blocks, dict(zip(self.dims, matrices)))
         return torch.stack([
-            precondition_reference(blocks[row], {d: r[row] for d, r in zip(self.dims, state.roots)})
+            precondition_reference(blocks[row], {d: m[row] for d, m in zip(self.dims, matrices)})
             for row in range(blocks.shape[0])])
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Per-row state beyond factors, roots, grafting, momentum and the root record,
+        by state-dict name, each ``(N, ...)``: none for this stack (subclasses add)."""
+        return {}
 
     # ----------------------------------------------------------------------- roots
     def root_inputs(self, config: ShampooConfig, step: int) -> list[torch.Tensor]:
         """Snapshots of the bias-corrected factors in ``root_dtype``: the pure input of
         a root computation (copies, so they may be handed to another thread)."""
-        beta2 = config.betas[1]
+        beta2 = config.factor_ema
         correction = 1.0 if beta2 == 1.0 else 1 - beta2**config.statistics_updates(step)
         return [f.to(config.root_dtype, copy=True).div_(correction) for f in self.state.factors]
 

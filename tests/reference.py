@@ -108,16 +108,7 @@ class ReferenceShampoo:
             w = p.data.view(st.merged_shape)
             if h["wd"] and not h["decoupled"]:
                 g = g + h["wd"] * w
-            # Grafting direction over the whole parameter (elementwise methods).
-            if h["grafting"] in ("none", "sgd"):
-                a_full = g
-            elif h["grafting"] == "adagrad":
-                st.graft += g * g
-                a_full = g / (st.graft.sqrt() + h["geps"])
-            else:
-                st.graft.mul_(h["gb2"]).add_((1 - h["gb2"]) * g * g)
-                c2 = 1 - h["gb2"] ** t if h["grafting"] == "adam" else 1.0
-                a_full = g / (st.graft.sqrt() / math.sqrt(c2) + h["geps"])
+            a_full = self._grafting_direction(g, st, t)
             direction = torch.zeros_like(g)
             for block in st.blocks:
                 gb = g[block.slices]
@@ -164,3 +155,114 @@ class ReferenceShampoo:
             if h["wd"] and h["decoupled"]:
                 w.sub_(h["lr"] * h["wd"] * w)
             w.sub_(h["lr"] * u)
+
+    def _grafting_direction(self, g: torch.Tensor, st: ParamRef, t: int) -> torch.Tensor:
+        """The grafting direction over the whole parameter (elementwise methods)."""
+        h = self.h
+        if h["grafting"] in ("none", "sgd"):
+            return g
+        if h["grafting"] == "adagrad":
+            st.graft += g * g
+            return g / (st.graft.sqrt() + h["geps"])
+        st.graft.mul_(h["gb2"]).add_((1 - h["gb2"]) * g * g)
+        c2 = 1 - h["gb2"] ** t if h["grafting"] == "adam" else 1.0
+        return g / (st.graft.sqrt() / math.sqrt(c2) + h["geps"])
+
+
+def reference_eigenbasis(factor: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors as columns, by decreasing eigenvalue."""
+    return torch.linalg.eigh(factor)[1].flip(-1)
+
+
+class ReferenceEigenvalueCorrected(ReferenceShampoo):
+    """SPEC 2.6 literally, on the blocks and factors of :class:`ReferenceShampoo`: the
+    first moment in parameter space, rotated every step; eigenbases by ``eigh`` or one
+    power step and QR; Adam in the rotated space; explicit Kronecker products. On a change
+    of basis ``C = U_old^T U_new`` the rotated second moment becomes
+    ``v_new[j] = sum_k C[k, j]^2 v[k]`` per dimension (the library's documented choice)."""
+
+    def __init__(self, params, merged_shapes, grafting=None, eigenbasis_method="eigh",
+                 basis_refresh_tolerance=0.0, factor_beta=None, adam_epsilon=1e-8, **options):
+        super().__init__(params, merged_shapes, grafting=grafting or "none", **options)
+        beta2 = options.get("betas", (0.9, 0.999))[1]
+        self.h.update(method=eigenbasis_method, tol=basis_refresh_tolerance,
+                      fbeta=beta2 if factor_beta is None else factor_beta, aeps=adam_epsilon)
+        self.second_moments = [torch.zeros(st.merged_shape, dtype=torch.float64)
+                               for st in self.state]
+        self.has_basis: set[tuple[int, int, int]] = set()  # (param, block, dim)
+        self.refreshes = self.skips = 0
+
+    def _refresh(self, key: tuple[int, int], block: BlockRef, vb: torch.Tensor) -> None:
+        h = self.h
+        weights = []  # per dimension, C o C (identity where the basis stays)
+        for d in range(len(block.shape)):
+            weights.append(torch.eye(block.shape[d], dtype=torch.float64))
+            if d not in block.dims:
+                continue
+            s, u = block.factors[d], block.roots[d]
+            if (*key, d) not in self.has_basis:
+                new = reference_eigenbasis(s)
+            else:
+                p = u.T @ s @ u
+                drift = (p - torch.diag(torch.diag(p))).norm() / s.norm()
+                if h["tol"] > 0 and drift <= h["tol"]:
+                    self.skips += 1
+                    continue
+                if h["method"] == "eigh":
+                    new = reference_eigenbasis(s)
+                else:
+                    order = torch.argsort(torch.diag(p), descending=True)
+                    new = torch.linalg.qr(s @ u[:, order]).Q
+            self.refreshes += 1
+            c = u.T @ new
+            weights[d] = c * c
+            block.roots[d] = new.contiguous()  # torch.kron rejects QR's column-major Q
+            self.has_basis.add((*key, d))
+        vb.copy_((kron_all([w.T for w in weights]) @ vb.reshape(-1)).reshape(vb.shape))
+
+    def step(self, grads: list[torch.Tensor | None]) -> None:
+        h = self.h
+        self.t += 1
+        t = self.t
+        b1, b2 = h["beta1"], h["beta2"]
+        c1 = 1 - b1 ** t if h["bc"] and b1 > 0 else 1.0
+        c2 = 1 - b2 ** t if h["bc"] and b2 < 1 else 1.0
+        for pi, (p, grad, st) in enumerate(zip(self.params, grads, self.state)):
+            if grad is None:
+                continue
+            g = grad.double().reshape(st.merged_shape).clone()
+            w = p.data.view(st.merged_shape)
+            if h["wd"] and not h["decoupled"]:
+                g = g + h["wd"] * w
+            a_full = self._grafting_direction(g, st, t)
+            st.momentum.mul_(b1).add_((1 - b1) * g)  # b1 = 0: the gradient itself
+            v = self.second_moments[pi]
+            direction = torch.zeros_like(g)
+            for bi, block in enumerate(st.blocks):
+                gb, mb, vb = g[block.slices], st.momentum[block.slices], v[block.slices]
+                if (t - 1) % h["sf"] == 0:
+                    for d in block.dims:
+                        outer = outer_along(gb, d)
+                        fb = h["fbeta"]
+                        block.factors[d] = (block.factors[d] + outer if fb == 1 else
+                                            fb * block.factors[d] + (1 - fb) * outer)
+                if block.dims and t >= h["start"] and (t - h["start"]) % h["pf"] == 0:
+                    self._refresh((pi, bi), block, vb)
+                bases = kron_all([block.roots[d] if d in block.dims
+                                  else torch.eye(block.shape[d], dtype=torch.float64)
+                                  for d in range(len(block.shape))])
+                g_rot = bases.T @ gb.reshape(-1)
+                m_rot = bases.T @ mb.reshape(-1)
+                v_rot = vb.reshape(-1)
+                v_rot = v_rot + g_rot ** 2 if b2 == 1 else b2 * v_rot + (1 - b2) * g_rot ** 2
+                vb.copy_(v_rot.reshape(block.shape))
+                numerator = (b1 * m_rot / c1 + (1 - b1) * g_rot if h["nesterov"] and b1 > 0
+                             else m_rot / c1)
+                pb = (bases @ (numerator / ((v_rot / c2).sqrt() + h["aeps"]))).reshape(block.shape)
+                if h["grafting"] != "none":
+                    norm = pb.norm()
+                    pb = pb * (a_full[block.slices].norm() / norm) if norm > 0 else pb * 0
+                direction[block.slices] = pb
+            if h["wd"] and h["decoupled"]:
+                w.sub_(h["lr"] * h["wd"] * w)
+            w.sub_(h["lr"] * direction)

@@ -319,3 +319,40 @@ def test_async_on_cuda_equals_sync_on_cuda():
     # Roots come from the CPU in the async run and from the GPU in the sync one.
     for a, b in zip(run(True), run(False)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------- eigenvalue-corrected variant
+@pytest.mark.parametrize("method", ["eigh", "qr"])
+def test_async_eigenbases_equal_sync_with_the_same_delay(monkeypatch, method):
+    # The basis refresh is the eigenvalue-corrected variant's root work: delayed and
+    # computed in the background the same way, checkpointed while in flight.
+    options = _options(root_delay=2, preconditioner="eigenvalue_corrected",
+                       eigenbasis_method=method, basis_refresh_tolerance=0.01)
+    model = _model()
+    sync = Shampoo(model.parameters(), **options)
+    _train(model, sync, 30)
+    expected = _params(model)
+    _slow_roots_ec(monkeypatch, 0.02)
+    model = _model()
+    opt = Shampoo(model.parameters(), **options, async_roots=True, root_workers=2)
+    _train(model, opt, 9)  # root step 9: in flight
+    saved = opt.state_dict()
+    opt.close()
+    resumed = copy.deepcopy(model)
+    new_opt = Shampoo(resumed.parameters(), **options, async_roots=True)
+    new_opt.load_state_dict(saved)
+    _train(resumed, new_opt, 21, start=9)
+    new_opt.close()
+    _assert_same(_params(resumed), expected)
+    assert new_opt.metrics()["basis_refreshes"] == sync.metrics()["basis_refreshes"] > 0
+
+
+def _slow_roots_ec(monkeypatch, seconds):
+    from scalable_shampoo.eigenvalue_corrected import EigenvalueCorrectedStack
+    original = EigenvalueCorrectedStack.compute_roots
+
+    def slow(self, inputs, config):
+        time.sleep(seconds)
+        return original(self, inputs, config)
+
+    monkeypatch.setattr(EigenvalueCorrectedStack, "compute_roots", slow)

@@ -129,7 +129,7 @@ ERROR_INPUTS = [
     _row(dict(grafting="adamw"), ValueError, r"grafting must be one of .*'adam'", "grafting-adamw"),
     _row(dict(grafting="Adam"), ValueError, r"grafting must be one of", "grafting-case"),
     _row(dict(grafting=""), ValueError, r"grafting must be one of", "grafting-empty"),
-    _row(dict(grafting=None), ValueError, r"grafting must be one of", "grafting-none-object"),
+    _row(dict(grafting=1), ValueError, r"grafting must be one of", "grafting-int"),
     # grafting_beta2: (0, 1); 1 would freeze the rmsprop/adam accumulator at 0
     _row(dict(grafting_beta2=0.0), ValueError, r"grafting_beta2 " + UNIT_OPEN,
          "grafting_beta2-zero"),
@@ -214,8 +214,9 @@ ERROR_INPUTS = [
          "root_failure_threshold-negative"),
     _row(dict(root_failure_threshold=INF), ValueError, r"root_failure_threshold " + FINITE,
          "root_failure_threshold-inf"),
-    # preconditioner: "shampoo"
-    _row(dict(preconditioner="kfac"), ValueError, r"preconditioner must be one of .*'shampoo'",
+    # preconditioner: "shampoo" or "eigenvalue_corrected"
+    _row(dict(preconditioner="kfac"), ValueError,
+         r"preconditioner must be one of .*'shampoo', 'eigenvalue_corrected'",
          "preconditioner-unknown"),
     _row(dict(preconditioner="Shampoo"), ValueError, r"preconditioner must be one of",
          "preconditioner-case"),
@@ -229,6 +230,38 @@ ERROR_INPUTS = [
     _row(dict(root_delay=11, precondition_frequency=10), ValueError,
          r"root_delay must be in \[0, precondition_frequency=10\], got 11",
          "root_delay-above-frequency"),
+    _row(dict(preconditioner="soap", grafting=None), ValueError,
+         r"preconditioner must be one of", "preconditioner-unknown-default-grafting"),
+    # eigenbasis_method: "eigh" or "qr"
+    _row(dict(eigenbasis_method="newton"), ValueError,
+         r"eigenbasis_method must be one of .*'eigh', 'qr'", "eigenbasis_method-unknown"),
+    _row(dict(eigenbasis_method="QR"), ValueError, r"eigenbasis_method must be one of",
+         "eigenbasis_method-case"),
+    _row(dict(eigenbasis_method=None), ValueError, r"eigenbasis_method must be one of",
+         "eigenbasis_method-none"),
+    # basis_refresh_tolerance: [0, inf)
+    _row(dict(basis_refresh_tolerance=-1e-3), ValueError,
+         r"basis_refresh_tolerance " + NON_NEGATIVE, "basis_refresh_tolerance-negative"),
+    _row(dict(basis_refresh_tolerance=NAN), ValueError, r"basis_refresh_tolerance " + FINITE,
+         "basis_refresh_tolerance-nan"),
+    _row(dict(basis_refresh_tolerance=INF), ValueError, r"basis_refresh_tolerance " + FINITE,
+         "basis_refresh_tolerance-inf"),
+    _row(dict(basis_refresh_tolerance=None), ValueError, r"basis_refresh_tolerance " + FINITE,
+         "basis_refresh_tolerance-none"),
+    # factor_beta: None or (0, 1]
+    _row(dict(factor_beta=0.0), ValueError, r"factor_beta " + UNIT_OPEN_CLOSED,
+         "factor_beta-zero"),
+    _row(dict(factor_beta=1.5), ValueError, r"factor_beta " + UNIT_OPEN_CLOSED,
+         "factor_beta-above"),
+    _row(dict(factor_beta=-0.95), ValueError, r"factor_beta " + UNIT_OPEN_CLOSED,
+         "factor_beta-negative"),
+    _row(dict(factor_beta=NAN), ValueError, r"factor_beta " + FINITE, "factor_beta-nan"),
+    _row(dict(factor_beta="0.95"), ValueError, r"factor_beta " + FINITE, "factor_beta-str"),
+    # adam_epsilon: (0, inf)
+    _row(dict(adam_epsilon=0.0), ValueError, r"adam_epsilon " + POSITIVE, "adam_epsilon-zero"),
+    _row(dict(adam_epsilon=-1e-8), ValueError, r"adam_epsilon " + POSITIVE,
+         "adam_epsilon-negative"),
+    _row(dict(adam_epsilon=INF), ValueError, r"adam_epsilon " + FINITE, "adam_epsilon-inf"),
 ]
 
 # A value that passes validation for each field, to restore a group after a failure.
@@ -397,6 +430,20 @@ VALID_EDGES = [
     dict(preconditioner="shampoo"),
     dict(root_delay=0),
     dict(root_delay=7, precondition_frequency=7),
+    dict(preconditioner="eigenvalue_corrected"),
+    dict(preconditioner="eigenvalue_corrected", grafting="adam", nesterov=True),
+    dict(preconditioner="eigenvalue_corrected", betas=(0.0, 1.0), bias_correction=False),
+    dict(preconditioner="eigenvalue_corrected", root_method="newton", exponent_multiplier=0.7),
+    dict(preconditioner="eigenvalue_corrected", root_dtype=torch.float32),
+    dict(eigenbasis_method="qr", preconditioner="eigenvalue_corrected"),
+    dict(eigenbasis_method="qr"),  # accepted, unused by the root preconditioner
+    dict(basis_refresh_tolerance=0.0),
+    dict(basis_refresh_tolerance=1e3, preconditioner="eigenvalue_corrected"),
+    dict(factor_beta=None),
+    dict(factor_beta=1.0),
+    dict(factor_beta=1e-300, preconditioner="eigenvalue_corrected"),
+    dict(adam_epsilon=1e-300, preconditioner="eigenvalue_corrected"),
+    dict(adam_epsilon=1),
 ]
 
 
@@ -461,7 +508,7 @@ SPEC_DEFAULTS = dict(
     statistics_frequency=1, grafting="adam", grafting_beta2=0.999, grafting_epsilon=1e-8,
     root_method="eigh", root_dtype=torch.float64, factor_dtype=torch.float32,
     exponent_multiplier=1.0, nesterov=False, bias_correction=True,
-    decoupled_weight_decay=True, preconditioner="shampoo",
+    decoupled_weight_decay=True, preconditioner="shampoo", adam_epsilon=1e-8,
 )
 
 
@@ -476,14 +523,41 @@ def test_defaults_match_spec():
     assert config.preconditioning_start == config.precondition_frequency == 100
 
 
+def test_defaults_of_the_eigenvalue_corrected_variant():
+    config = ShampooConfig(preconditioner="eigenvalue_corrected")
+    assert config.grafting == "none"  # SPEC 2.6
+    assert (config.eigenbasis_method, config.basis_refresh_tolerance, config.factor_beta,
+            config.adam_epsilon) == ("eigh", 0.0, None, 1e-8)
+    assert config.factor_ema == config.betas[1] == 0.999
+    assert ShampooConfig(betas=(0.9, 0.95), factor_beta=0.5).factor_ema == 0.5
+
+
+# Field defaults before resolution: ``grafting`` is None (resolved per preconditioner).
+FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ShampooConfig)}
+
+
 def test_constructor_defaults_equal_config_defaults():
     """The constructor signature and ShampooConfig cannot drift apart."""
     signature = inspect.signature(Shampoo.__init__).parameters
-    for name, value in ShampooConfig().as_dict().items():
+    for name, value in FIELD_DEFAULTS.items():
         assert signature[name].default == value, name
     opt = Shampoo(_params(1))
     assert ShampooConfig.from_group(opt.param_groups[0]) == ShampooConfig()
-    assert {k: opt.defaults[k] for k in ShampooConfig.field_names()} == DEFAULTS
+    assert {k: opt.defaults[k] for k in ShampooConfig.field_names()} == FIELD_DEFAULTS
+
+
+@pytest.mark.parametrize("default, group, expected", [
+    ("shampoo", "shampoo", "adam"), ("shampoo", "eigenvalue_corrected", "none"),
+    ("eigenvalue_corrected", "shampoo", "adam"),
+    ("eigenvalue_corrected", "eigenvalue_corrected", "none")])
+def test_default_grafting_follows_each_groups_preconditioner(default, group, expected):
+    p1, p2 = _params()
+    opt = Shampoo([{"params": [p1]}, {"params": [p2], "preconditioner": group}],
+                  preconditioner=default)
+    assert opt.param_groups[1]["grafting"] is None
+    assert ShampooConfig.from_group(opt.param_groups[1]).grafting == expected
+    explicit = Shampoo([{"params": [p2], "preconditioner": group, "grafting": "sgd"}])
+    assert ShampooConfig.from_group(explicit.param_groups[0]).grafting == "sgd"
 
 
 def test_param_group_overrides_and_inherits():
@@ -581,12 +655,12 @@ STRUCTURAL_CHANGES = [
     ("max_preconditioned_dim", 2),
     ("factor_dtype", torch.float64),
     ("grafting", "sgd"),
+    ("preconditioner", "eigenvalue_corrected"),
 ]
 
 
 def test_structural_changes_cover_structural_fields():
-    assert {name for name, _ in STRUCTURAL_CHANGES} | {"preconditioner"} == set(
-        STRUCTURAL_FIELDS)
+    assert {name for name, _ in STRUCTURAL_CHANGES} == set(STRUCTURAL_FIELDS)
 
 
 @pytest.mark.parametrize("foreach", [True, False])

@@ -1,0 +1,306 @@
+"""Eigenvalue-corrected Shampoo (SOAP, Vyas et al. 2024; SPEC 2.6): Adam run in the
+eigenbases of the Kronecker factors.
+
+The blocks, factor statistics, batching of equal-shape blocks, NaN guard and state
+handling are the root preconditioner's: :class:`EigenvalueCorrectedStack` is a
+:class:`~.preconditioner.BlockStack` whose *root work* is the eigenbasis refresh, through
+the same three steps (so synchronous, background and distributed root computation serve
+it unchanged):
+
+- :meth:`~EigenvalueCorrectedStack.root_inputs` snapshots the factors and the bases in use;
+- :meth:`~EigenvalueCorrectedStack.compute_roots` (pure) refreshes each factor's basis
+  (:func:`refresh_bases`): ``eigh`` the first time, then ``eigh`` or one power step plus
+  QR warm-started from the previous basis, skipped while the previous basis still nearly
+  diagonalizes the factor;
+- :meth:`~EigenvalueCorrectedStack.install_roots` puts finite bases in use, keeps the
+  previous basis (and counts a failure) otherwise, and carries the moments over to the
+  new bases.
+
+Conventions and choices (the closing note of issue 6 discusses them):
+
+- A stack's ``state.roots`` hold the bases ``U_i`` (orthonormal columns, the
+  eigenvectors, by decreasing eigenvalue) in the work dtype; the identity until the first
+  basis. Rotating into the bases is ``x x_i U_i^T``, i.e. :func:`~.preconditioner.precondition`
+  with ``U_i``; rotating back uses ``U_i^T``.
+- The first moment is stored rotated, ``m' = m x_i U_i^T``. SPEC 2.6 keeps ``m`` in
+  parameter space and rotates it every step; since the rotation is linear and changes
+  only at refreshes, rotating the stored ``m'`` by ``C_i = U_old^T U_new`` when a basis
+  changes gives the same ``m'`` with one rotation per step fewer.
+- The second moment ``v`` is diagonal in the old basis; on a change of basis it becomes
+  the diagonal of that estimate in the new one, ``v <- v x_i (C_i o C_i)`` (``o``:
+  elementwise product). SOAP keeps ``v`` as it is (permuting it when its QR refresh
+  reorders the columns): the two agree whenever the new basis is a signed permutation of
+  the old, and ours stays meaningful when it is not, notably when the first basis
+  replaces the identity after the Adam steps before it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Iterable
+
+import torch
+
+from .config import ShampooConfig
+from .grafting import graft, graft_direction_
+from .matrix_functions import symmetric_eigh
+from .preconditioner import BlockStack, RootRecord, StackState
+
+
+# --------------------------------------------------------------------------- kernels
+def eigenbasis(factors: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors of each symmetric ``(N, d, d)`` factor as columns, by decreasing
+    eigenvalue (the order the QR refresh keeps); NaN where ``eigh`` did not converge."""
+    _, vectors = symmetric_eigh(factors)
+    return vectors.flip(-1)
+
+
+def offdiagonal_ratio(projected: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """``||offdiag(U^T S U)||_F / ||S||_F`` per matrix, given ``projected = U^T S U``
+    (0 for a zero factor); float64, shape ``(N,)``."""
+    off = projected - torch.diag_embed(projected.diagonal(dim1=-2, dim2=-1))
+    norms = torch.linalg.matrix_norm(factors).clamp_min(torch.finfo(factors.dtype).tiny)
+    return (torch.linalg.matrix_norm(off) / norms).to(torch.float64)
+
+
+def power_qr_step(factor_times_basis: torch.Tensor, estimates: torch.Tensor) -> torch.Tensor:
+    """One step of orthogonal iteration warm-started from a basis ``U``: the columns of
+    ``S U`` ordered by the eigenvalue estimates ``diag(U^T S U)`` (``estimates``, largest
+    first, so that the dominant directions, which QR keeps most faithfully, lead), then
+    orthonormalized."""
+    order = estimates.argsort(dim=-1, descending=True)
+    ordered = factor_times_basis.gather(-1, order.unsqueeze(-2).expand_as(factor_times_basis))
+    return torch.linalg.qr(ordered).Q
+
+
+@dataclass(frozen=True)
+class BasisResult:
+    """A refresh of one factor's bases for every row of a stack.
+
+    Attributes:
+        basis: ``(N, d, d)`` the new bases (the input basis where not refreshed).
+        refreshed: ``(N,)`` bool, whether the row was recomputed (False: skipped).
+        drift: ``(N,)`` float64, ``||offdiag(U^T S U)||_F / ||S||_F`` of the previous
+            basis on the factor (how far it drifted since it was computed); measured
+            only where it decides (``tolerance > 0``, a previous basis), NaN elsewhere.
+    """
+
+    basis: torch.Tensor
+    refreshed: torch.Tensor
+    drift: torch.Tensor
+
+
+def refresh_bases(factors: torch.Tensor, bases: torch.Tensor, has_basis: torch.Tensor,
+                  method: str, tolerance: float) -> BasisResult:
+    """New eigenbases of ``factors`` ``(N, d, d)`` given the ``bases`` in use and whether
+    each row has one yet (``has_basis``, ``(N,)`` bool). Rows without a basis get
+    :func:`eigenbasis`; the others are skipped when ``tolerance > 0`` and their drift is
+    at most ``tolerance``, else refreshed by ``method``: "eigh" or "qr"
+    (:func:`power_qr_step`). Pure; computes in the dtype of its inputs."""
+    if method not in ("eigh", "qr"):
+        raise ValueError(f"method must be 'eigh' or 'qr', got {method!r}")
+    n, device = factors.shape[0], factors.device
+    warm = has_basis.to(device)
+    drift = torch.full((n,), float("nan"), dtype=torch.float64, device=device)
+    skip = torch.zeros(n, dtype=torch.bool, device=device)
+    new = bases.clone()
+    if (tolerance > 0 or method == "qr") and bool(warm.any()):
+        factor_times_basis = factors @ bases
+        if tolerance > 0:
+            projected = bases.mT @ factor_times_basis
+            drift = torch.where(warm, offdiagonal_ratio(projected, factors), drift)
+            skip = warm & (drift <= tolerance)  # NaN drift: refreshed, then rejected
+    by_qr = warm & ~skip if method == "qr" else torch.zeros_like(skip)
+    by_eigh = ~skip & ~by_qr
+    if bool(by_eigh.any()):
+        new[by_eigh] = eigenbasis(factors[by_eigh])
+    if bool(by_qr.any()):
+        product = factor_times_basis[by_qr]
+        estimates = (bases[by_qr] * product).sum(dim=-2)  # diag(U^T S U)
+        new[by_qr] = power_qr_step(product, estimates)
+    return BasisResult(new, ~skip, drift)
+
+
+def adam_denominator(second_moment: torch.Tensor, beta2: float, step: int,
+                     bias_correction: bool, epsilon: float) -> torch.Tensor:
+    """``sqrt(v / c2) + epsilon`` in a new tensor, ``c2 = 1 - beta2^step`` (1 without
+    bias correction or for the running sum ``beta2 == 1``); ``torch.optim.Adam``'s
+    operation order. An ``epsilon`` that would underflow to 0 in ``v``'s dtype is
+    raised to its smallest normal number: a rotated coordinate no gradient has reached
+    has ``v = m' = 0``, and its step must be 0, not 0/0."""
+    denominator = second_moment.sqrt()
+    if bias_correction and beta2 < 1.0:
+        denominator.div_(math.sqrt(1 - beta2**step))
+    return denominator.add_(max(epsilon, torch.finfo(denominator.dtype).tiny))
+
+
+# ----------------------------------------------------------------------------- state
+@dataclass
+class BasisRecord(RootRecord):
+    """The root record of eigenvalue-corrected blocks, ``(N, k)`` on the CPU.
+
+    ``computed_at`` is the step whose factor produced the basis in use, ``failures``
+    counts rejected bases, and ``residual`` holds the drift (:class:`BasisResult`) last
+    measured (with ``basis_refresh_tolerance > 0``; 0 if never). Added:
+
+    Attributes:
+        refreshes: bases recomputed (whether then installed or rejected).
+        skips: refreshes skipped because the basis still diagonalized its factor.
+    """
+
+    refreshes: torch.Tensor
+    skips: torch.Tensor
+
+
+class EigenvalueCorrectedStack(BlockStack):
+    """A block stack whose root work refreshes the factors' eigenbases (SPEC 2.6).
+
+    Its state holds the bases in ``roots``, the rotated first moment in ``momentum``
+    and the rotated second moment in ``second_moment``; its record is a
+    :class:`BasisRecord`.
+    """
+
+    record: BasisRecord
+    result_type: ClassVar[type] = BasisResult
+
+    def allocate(self, config: ShampooConfig) -> None:
+        super().allocate(config)  # factors, identity bases, the record's first fields
+        base = self.record
+        self.record = BasisRecord(base.computed_at, base.residual, base.failures,
+                                  torch.zeros_like(base.failures),
+                                  torch.zeros_like(base.failures))
+        self.state.second_moment = torch.zeros((len(self.members), *self.block_shape),
+                                               dtype=self.work_dtype, device=self.device)
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return {"second_moment": self.state.second_moment,
+                "basis_refreshes": self.record.refreshes,
+                "basis_refreshes_skipped": self.record.skips}
+
+    def has_basis(self) -> bool:
+        """Whether any block has a basis yet (until then every basis is the identity)."""
+        return bool((self.record.computed_at > 0).any())
+
+    # ------------------------------------------------------------------- root work
+    def root_inputs(self, config: ShampooConfig, step: int
+                    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per factor, copies of ``(factor, basis in use, has a basis)`` (in
+        ``root_dtype``; the flags ``(N,)`` on the CPU): the pure input of a refresh. The
+        factors' bias correction is left out: it does not change eigenvectors or drift."""
+        has_basis = self.record.computed_at > 0
+        return [(factor.to(config.root_dtype, copy=True), basis.to(config.root_dtype, copy=True),
+                 has_basis[:, i].clone())
+                for i, (factor, basis) in enumerate(zip(self.state.factors, self.state.roots))]
+
+    def compute_roots(self, inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                      config: ShampooConfig) -> list[BasisResult]:
+        """The refreshed bases of :meth:`root_inputs`; pure, safe to run elsewhere."""
+        return [refresh_bases(factor, basis, has_basis, config.eigenbasis_method,
+                              config.basis_refresh_tolerance)
+                for factor, basis, has_basis in inputs]
+
+    def install_roots(self, results: list[BasisResult], config: ShampooConfig,
+                      computed_at: int) -> int:
+        """Puts the refreshed bases in use and rotates the moments into them; a basis
+        with NaN/Inf entries (in the work dtype) is rejected and the previous one stays.
+        Returns the number of rejected bases."""
+        rejected = 0
+        changes: list[torch.Tensor | None] = []  # per factor: U_old^T U_new, or None
+        for i, (result, basis) in enumerate(zip(results, self.state.roots)):
+            # Decided where the result lives (the host, for background work), after the
+            # cast to the work dtype.
+            refreshed = result.refreshed
+            ok = refreshed & torch.isfinite(result.basis.to(basis.dtype)).flatten(1).all(dim=1)
+            ok_cpu, refreshed_cpu = ok.cpu(), refreshed.cpu()
+            new = result.basis.to(basis.device, non_blocking=True).to(basis.dtype)
+            ok = ok.to(basis.device, non_blocking=True)
+            failed_cpu = refreshed_cpu & ~ok_cpu
+            record = self.record
+            record.computed_at[:, i].masked_fill_(ok_cpu, computed_at)
+            drift = result.drift.detach().to("cpu", torch.float64)
+            record.residual[:, i] = torch.where(torch.isfinite(drift), drift,
+                                                record.residual[:, i])
+            record.refreshes[:, i] += refreshed_cpu.to(torch.int64)
+            record.skips[:, i] += (~refreshed_cpu).to(torch.int64)
+            record.failures[:, i] += failed_cpu.to(torch.int64)
+            rejected += int(failed_cpu.sum())
+            if not bool(ok_cpu.any()):
+                changes.append(None)
+                continue
+            change = basis.to(config.root_dtype).mT @ new.to(config.root_dtype)
+            identity = torch.eye(change.shape[-1], dtype=change.dtype, device=change.device)
+            changes.append(torch.where(ok.view(-1, 1, 1), change, identity))
+            basis.copy_(torch.where(ok.view(-1, 1, 1), new, basis))
+        if any(c is not None for c in changes):
+            self._change_moments_basis(changes)
+        return rejected
+
+    def _change_moments_basis(self, changes: list[torch.Tensor | None]) -> None:
+        """``m' <- m' x_i C_i`` and ``v <- v x_i (C_i o C_i)`` with ``C_i = U_old^T U_new``
+        (the identity for factors left as they were)."""
+        state, dtype = self.state, self.work_dtype
+        n = len(self.members)
+        full = [torch.eye(self.block_shape[d], dtype=dtype, device=self.device).expand(n, -1, -1)
+                if c is None else c.to(dtype) for d, c in zip(self.dims, changes)]
+        if state.momentum is not None:
+            state.momentum.copy_(self.multiply(state.momentum, full))
+        state.second_moment.copy_(self.multiply(state.second_moment, [c * c for c in full]))
+
+
+# ------------------------------------------------------------------------- direction
+def eigenvalue_corrected_direction_(stack: EigenvalueCorrectedStack, state: StackState,
+                                    grads: torch.Tensor, config: ShampooConfig,
+                                    step: int) -> tuple[torch.Tensor, float]:
+    """SPEC 2.6 for the rows of ``state`` (the stack's state or a selection of it) with
+    gradient blocks ``grads``: returns ``(P, scale)``, the update ``u = scale * P``.
+
+    ``g' = g x_i U_i^T``; ``m' <- beta1 m' + (1 - beta1) g'``;
+    ``v <- beta2 v + (1 - beta2) g'^2`` (``v += g'^2`` for ``beta2 == 1``);
+    ``d' = m_hat' / (sqrt(v_hat) + adam_epsilon)`` (with Nesterov the numerator is
+    ``beta1 m_hat' + (1 - beta1) g'``); ``P = d' x_i U_i``. The first moment's bias
+    correction is returned as ``scale`` (it folds into the step size). With grafting,
+    ``P`` takes per block the norm of the grafting direction of ``g`` (SPEC 2.4, which
+    holds no momentum), and ``scale`` is 1. Updates ``state`` in place; ``grads`` is
+    left as it is."""
+    beta1, beta2 = config.betas
+    grafted = (None if config.grafting == "none" else
+               graft_direction_(config.grafting, grads, state.graft, step,
+                                config.grafting_beta2, config.grafting_epsilon))
+    rotated = bool(stack.dims) and stack.has_basis()  # before the first basis: identity
+    g = stack.multiply(grads, state.roots) if rotated else grads
+    if beta2 == 1.0:
+        state.second_moment.addcmul_(g, g)
+    else:
+        state.second_moment.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denominator = adam_denominator(state.second_moment, beta2, step, config.bias_correction,
+                                   config.adam_epsilon)
+    scale = 1.0
+    if beta1 == 0.0:
+        numerator = g
+    else:
+        momentum = state.momentum
+        momentum.lerp_(g, 1 - beta1)
+        correction = 1 - beta1**step if config.bias_correction else 1.0
+        if config.nesterov:
+            numerator = g.mul(1 - beta1).add_(momentum, alpha=beta1 / correction)
+        else:
+            numerator, scale = momentum, 1.0 / correction
+    direction = torch.div(numerator, denominator, out=denominator)
+    if rotated:
+        direction = stack.multiply(direction, [basis.mT for basis in state.roots])
+    if grafted is not None:
+        return graft(direction, grafted, inplace=True), 1.0
+    return direction, scale
+
+
+def basis_metrics(stacks: Iterable[BlockStack]) -> dict[str, int]:
+    """Totals over the eigenvalue-corrected ``stacks`` (0 without any):
+    ``basis_refreshes``, ``basis_refreshes_skipped`` and ``basis_failures``."""
+    totals = {"basis_refreshes": 0, "basis_refreshes_skipped": 0, "basis_failures": 0}
+    for stack in stacks:
+        if isinstance(stack, EigenvalueCorrectedStack):
+            totals["basis_refreshes"] += int(stack.record.refreshes.sum())
+            totals["basis_refreshes_skipped"] += int(stack.record.skips.sum())
+            totals["basis_failures"] += int(stack.record.failures.sum())
+    return totals
