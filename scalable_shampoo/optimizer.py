@@ -16,11 +16,14 @@ import torch
 
 from .blocking import BlockLayout, BlockRegion, block_layout, block_regions, region_view
 from .config import STRUCTURAL_FIELDS, ShampooConfig
+from .distributed import DataParallel, Exchange
 from .grafting import graft, graft_direction_
 from .matrix_functions import newton_fraction
 from .preconditioner import BlockStack, StackState
 
 STATE_FORMAT = "scalable_shampoo.shampoo/1"
+# Keys by parameter and block index (strings), blocks a dict that may hold a subset.
+SHARDED_FORMAT = "scalable_shampoo.shampoo.sharded/1"
 
 
 def momentum_direction_(momentum: torch.Tensor | None, direction: torch.Tensor,
@@ -61,6 +64,9 @@ class _GroupPlan:
         structure: the structural hyperparameters the plan was built with.
         step: steps taken by the group.
         checked_root_setting: the (root_method, exponent_multiplier) last validated.
+        exchange: with data parallelism, the blocks' owners and the all-gather layout;
+            the stacks then hold this rank's blocks only, ``locations`` has ``(-1, -1)``
+            for the others'.
     """
 
     layouts: list[BlockLayout]
@@ -70,6 +76,7 @@ class _GroupPlan:
     structure: tuple
     step: int = 0
     checked_root_setting: tuple | None = None
+    exchange: Exchange | None = None
 
 
 def _structure(config: ShampooConfig) -> tuple:
@@ -81,18 +88,27 @@ def _work_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
-def _build_plan(params: list[torch.Tensor], config: ShampooConfig, batched: bool) -> _GroupPlan:
-    layouts, stacks, pieces = [], [], []
+def _build_plan(params: list[torch.Tensor], config: ShampooConfig, batched: bool,
+                data_parallel: DataParallel | None = None,
+                loads: list[int] | None = None) -> _GroupPlan:
+    """With ``data_parallel``, the blocks are assigned to ranks starting from ``loads``
+    (the previous group's) and the stacks get this rank's blocks only."""
+    layouts = [block_layout(p.shape, config.block_size, config.max_preconditioned_dim)
+               for p in params]
+    exchange = None if data_parallel is None else Exchange.plan(
+        params, layouts, data_parallel.world_size, data_parallel.rank, loads)
+    stacks, pieces = [], []
     locations: list[list[tuple[int, int]]] = []
     index: dict[Any, int] = {}
-    for pi, param in enumerate(params):
-        layout = block_layout(param.shape, config.block_size, config.max_preconditioned_dim)
-        layouts.append(layout)
+    for pi, (param, layout) in enumerate(zip(params, layouts)):
         if param.numel() == 0:  # nothing to precondition or update
             locations.append([])
             continue
         where: list[tuple[int, int]] = [(-1, -1)] * layout.num_blocks
-        for region in block_regions(layout, one_block_each=not batched):
+        regions = block_regions(layout, one_block_each=not batched)
+        if exchange is not None:  # this rank's boxes; the exchange records the others'
+            regions = exchange.add_param(pi, regions, _work_dtype(param.dtype), param.device)
+        for region in regions:
             key = ((region.block_shape, layout.preconditioned_dims, param.dtype, param.device)
                    if batched else (pi, region.block_indices))
             if key not in index:
@@ -109,7 +125,11 @@ def _build_plan(params: list[torch.Tensor], config: ShampooConfig, batched: bool
         locations.append(where)
     for stack in stacks:
         stack.allocate(config)
-    return _GroupPlan(layouts, stacks, pieces, locations, _structure(config))
+    return _GroupPlan(layouts, stacks, pieces, locations, _structure(config), exchange=exchange)
+
+
+def _loads_after(plan: _GroupPlan | None) -> list[int] | None:
+    return None if plan is None or plan.exchange is None else plan.exchange.loads
 
 
 @dataclass
@@ -153,6 +173,11 @@ class Shampoo(torch.optim.Optimizer):
         params: parameters or param groups, as for any ``torch.optim`` optimizer.
         foreach: stack equal-shape blocks and run batched kernels (default). False runs
             one block at a time through the reference kernels: slow, for testing.
+        distributed: when ``torch.distributed`` is initialized (before the optimizer is
+            built) with more than one process, share the preconditioner work over its
+            ranks (SPEC 5, :mod:`.distributed`); False keeps every block on every rank.
+            Default True.
+        process_group: the group to share over; None: the default group.
     """
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -167,7 +192,8 @@ class Shampoo(torch.optim.Optimizer):
                  nesterov: bool = False, bias_correction: bool = True,
                  decoupled_weight_decay: bool = True, newton_max_iterations: int = 100,
                  newton_tolerance: float = 1e-6, root_failure_threshold: float = 0.1,
-                 preconditioner: str = "shampoo", *, foreach: bool = True) -> None:
+                 preconditioner: str = "shampoo", *, foreach: bool = True,
+                 distributed: bool = True, process_group: Any = None) -> None:
         defaults = ShampooConfig(
             lr=lr, betas=betas, epsilon=epsilon, weight_decay=weight_decay,
             block_size=block_size, max_preconditioned_dim=max_preconditioned_dim,
@@ -184,6 +210,7 @@ class Shampoo(torch.optim.Optimizer):
         if not isinstance(foreach, bool):
             raise ValueError(f"foreach must be True or False, got {foreach!r}")
         self.foreach = foreach
+        self._data_parallel = DataParallel.resolve(distributed, process_group)
         self._plans: list[_GroupPlan | None] = []
         self._counters = {"root_computations": 0, "root_failures": 0,
                           "nonfinite_grad_skips": 0, "root_seconds": 0.0}
@@ -209,7 +236,9 @@ class Shampoo(torch.optim.Optimizer):
         params = self.param_groups[index]["params"]
         plan = self._plans[index]
         if plan is None:
-            plan = self._plans[index] = _build_plan(params, config, self.foreach)
+            plan = self._plans[index] = _build_plan(
+                params, config, self.foreach, self._data_parallel,
+                _loads_after(self._plans[index - 1] if index else None))
         elif plan.structure != _structure(config):
             changed = [name for name, old, new in
                        zip(STRUCTURAL_FIELDS, plan.structure, _structure(config)) if old != new]
@@ -233,17 +262,27 @@ class Shampoo(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Validate every group before touching any, so a bad value leaves no partial step.
-        configs = [ShampooConfig.from_group(group) for group in self.param_groups]
-        plans = [self._plan(index, config) for index, config in enumerate(configs)]
-        for group, config, plan in zip(self.param_groups, configs, plans):
-            self._step_group(group, config, plan)
+        if self._data_parallel is not None:
+            self._data_parallel.begin_step([len(g["params"]) for g in self.param_groups])
+        try:
+            # Validate every group before touching any, so a bad value leaves no partial step.
+            configs = [ShampooConfig.from_group(group) for group in self.param_groups]
+            plans = [self._plan(index, config) for index, config in enumerate(configs)]
+            for group, config, plan in zip(self.param_groups, configs, plans):
+                self._step_group(group, config, plan)
+        except Exception as error:
+            if self._data_parallel is not None:  # join what the other ranks wait in
+                self._data_parallel.abort(error)
+            raise
         return loss
 
     def _step_group(self, group: dict[str, Any], config: ShampooConfig,
                     plan: _GroupPlan) -> None:
         params = group["params"]
         grads = [p.grad for p in params]
+        nonfinite: set[int] = set()
+        if plan.exchange is not None:  # decided on whole gradients, the same on every rank
+            grads, nonfinite = self._data_parallel.agree(plan.exchange, grads, params, config)
         if all(g is None for g in grads):
             return
         for g in grads:
@@ -258,7 +297,8 @@ class Shampoo(torch.optim.Optimizer):
                   for g, layout in zip(grads, plan.layouts)]
         gathered = [_gather(stack, pieces, merged)
                     for stack, pieces in zip(plan.stacks, plan.pieces)]
-        bad = self._nonfinite_params(plan, gathered, step)
+        bad = nonfinite if plan.exchange is not None else self._nonfinite_params(plan, gathered)
+        self._note_skips(bad, step)
         if bad:  # rare: gather again without them, so no state of theirs is touched
             merged = [None if pi in bad else m for pi, m in enumerate(merged)]
             gathered = [_gather(stack, pieces, merged)
@@ -276,11 +316,13 @@ class Shampoo(torch.optim.Optimizer):
                 update = direction[position:position + region.num_blocks]
                 updates.setdefault(piece.param, []).append(
                     (region, update.view((*region.counts, *region.block_shape))))
+        if plan.exchange is not None:  # every rank gets every block's u = scale v
+            updates, scale = self._data_parallel.gather(
+                plan.exchange, updates, scale, [m is not None for m in merged]), 1.0
         _apply(params, plan.layouts, updates, config, scale)
 
-    def _nonfinite_params(self, plan: _GroupPlan, gathered: list[_Gathered],
-                          step: int) -> set[int]:
-        """The parameters whose gradient has NaN/Inf entries (counted, warned once)."""
+    def _nonfinite_params(self, plan: _GroupPlan, gathered: list[_Gathered]) -> set[int]:
+        """The parameters whose gradient has NaN/Inf entries."""
         bad: set[int] = set()
         present = [(stack, batch) for stack, batch in zip(plan.stacks, gathered)
                    if batch.blocks is not None]
@@ -294,6 +336,10 @@ class Shampoo(torch.optim.Optimizer):
             finite = torch.isfinite(batch.blocks.reshape(batch.blocks.shape[0], -1)).all(dim=1)
             bad.update(stack.members[batch.rows[j]][0]
                        for j in (~finite).nonzero().flatten().tolist())
+        return bad
+
+    def _note_skips(self, bad: set[int], step: int) -> None:
+        """Counts the parameters skipped for NaN/Inf gradients (warned once)."""
         if bad:
             self._counters["nonfinite_grad_skips"] += len(bad)
             if not self._warned_nonfinite:
@@ -302,7 +348,6 @@ class Shampoo(torch.optim.Optimizer):
                               f"at step {step}; their state is untouched. Later skips are "
                               "counted in metrics()['nonfinite_grad_skips'] without a warning.",
                               RuntimeWarning, stacklevel=6)  # the caller of optimizer.step()
-        return bad
 
     def _stack_direction(self, stack: BlockStack, rows: list[int], blocks: torch.Tensor | None,
                          config: ShampooConfig, step: int) -> tuple[torch.Tensor, float] | None:
@@ -350,10 +395,14 @@ class Shampoo(torch.optim.Optimizer):
         - ``root_age_max``: steps since the oldest root in use was computed (0 before
           the first root).
         - ``state_bytes``: bytes of optimizer state tensors.
-        - ``step``, ``num_blocks``, ``num_block_stacks``.
+        - ``step``, ``num_blocks`` (of all parameters), ``num_block_stacks``.
+        - ``world_size``, ``rank``, ``owned_blocks``: with data parallelism (SPEC 5) a
+          rank holds the state of its ``owned_blocks`` only; then every entry except
+          ``step``, ``num_blocks`` and ``nonfinite_grad_skips`` is this rank's alone.
         """
         plans = [p for p in self._plans if p is not None]
         residual, age, state_bytes, blocks, stacks = 0.0, 0, 0, 0, 0
+        data_parallel = self._data_parallel
         for plan in plans:
             for stack in plan.stacks:
                 stacks += 1
@@ -369,19 +418,22 @@ class Shampoo(torch.optim.Optimizer):
             "step": max((p.step for p in plans), default=0),
             **{k: float(v) if k == "root_seconds" else int(v) for k, v in self._counters.items()},
             "root_residual_max": residual, "root_age_max": age, "state_bytes": state_bytes,
-            "num_blocks": blocks, "num_block_stacks": stacks,
+            "num_blocks": sum(len(where) for p in plans for where in p.locations),
+            "num_block_stacks": stacks, "owned_blocks": blocks,
+            "world_size": 1 if data_parallel is None else data_parallel.world_size,
+            "rank": 0 if data_parallel is None else data_parallel.rank,
         }
 
     # -------------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
         """The full state: per parameter (by index, as ``torch.optim``) its step and,
         per block, the factors, roots in use, grafting and momentum state. Tensors are
-        copies."""
-        state, groups, offset = {}, [], 0
+        copies. With data parallelism, :meth:`sharded_state_dict` (this rank's blocks)."""
+        if self._data_parallel is not None:
+            return self.sharded_state_dict()
+        state, groups, offset = {}, self._saved_groups(), 0
         for gi, group in enumerate(self.param_groups):
             count = len(group["params"])
-            groups.append({**{k: v for k, v in group.items() if k != "params"},
-                           "params": list(range(offset, offset + count))})
             plan = self._plans[gi]
             if plan is not None:
                 for pi in range(count):
@@ -393,14 +445,48 @@ class Shampoo(torch.optim.Optimizer):
         return {"format": STATE_FORMAT, "state": state, "param_groups": groups,
                 "counters": dict(self._counters)}
 
+    def sharded_state_dict(self) -> dict[str, Any]:
+        """The state laid out for ``torch.distributed.checkpoint`` (see
+        :func:`.distributed.save_checkpoint`): keyed by parameter index and block index
+        (as strings), never by rank; per parameter ``"blocks"`` is a dict holding the
+        blocks this rank owns (all of them without data parallelism), so the union over
+        the ranks is the whole state at any world size. Of the counters only
+        ``nonfinite_grad_skips`` (the same on every rank) is kept; the others count per
+        rank. Allocates what a first step would, so that it is also the template that
+        ``torch.distributed.checkpoint.load`` fills. Tensors are copies."""
+        state, offset = {}, 0
+        for gi, group in enumerate(self.param_groups):
+            config = ShampooConfig.from_group(group)
+            plan = self._plan(gi, config)
+            for stack in plan.stacks:
+                stack.ensure_buffers(config)
+            for pi, where in enumerate(plan.locations):
+                state[str(offset + pi)] = {
+                    "step": plan.step,
+                    "blocks": {str(bi): _block_state(plan.stacks[si], row)
+                               for bi, (si, row) in enumerate(where) if si >= 0}}
+            offset += len(group["params"])
+        return {"format": SHARDED_FORMAT, "state": state, "param_groups": self._saved_groups(),
+                "counters": {"nonfinite_grad_skips": self._counters["nonfinite_grad_skips"]}}
+
+    def _saved_groups(self) -> list[dict[str, Any]]:
+        groups, offset = [], 0
+        for group in self.param_groups:
+            count = len(group["params"])
+            groups.append({**{k: v for k, v in group.items() if k != "params"},
+                           "params": list(range(offset, offset + count))})
+            offset += count
+        return groups
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores :meth:`state_dict`'s output (hyperparameters included, as
-        ``torch.optim`` does). Raises ``ValueError`` for another format or a state that
-        does not fit these parameters."""
-        if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
-            found = state_dict.get("format") if isinstance(state_dict, dict) else None
-            raise ValueError(f"not a Shampoo state dict of format {STATE_FORMAT!r} "
-                             f"(found format {found!r})")
+        """Restores :meth:`state_dict`'s or :meth:`sharded_state_dict`'s output
+        (hyperparameters included, as ``torch.optim`` does), taking the blocks this rank
+        owns from whichever blocks the state holds. Raises ``ValueError`` for another
+        format, a state that does not fit these parameters, or one that lacks a block."""
+        found = state_dict.get("format") if isinstance(state_dict, dict) else None
+        if found not in (STATE_FORMAT, SHARDED_FORMAT):
+            raise ValueError(f"not a Shampoo state dict of format {STATE_FORMAT!r} or "
+                             f"{SHARDED_FORMAT!r} (found format {found!r})")
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state dict has {len(saved_groups)} param groups, the optimizer "
@@ -411,21 +497,26 @@ class Shampoo(torch.optim.Optimizer):
                                  f"state dict {len(saved['params'])}")
         configs = [ShampooConfig.from_group({**g, **s}) for g, s in
                    zip(self.param_groups, saved_groups)]
-        plans = [_build_plan(group["params"], config, self.foreach)
-                 for group, config in zip(self.param_groups, configs)]
+        plans: list[_GroupPlan] = []
+        for group, config in zip(self.param_groups, configs):
+            plans.append(_build_plan(group["params"], config, self.foreach, self._data_parallel,
+                                     _loads_after(plans[-1] if plans else None)))
         entries = state_dict["state"]
         for plan, saved in zip(plans, saved_groups):
             for pi, key in enumerate(saved["params"]):
-                entry = entries.get(key)
+                entry = entries.get(key, entries.get(str(key)))
                 if entry is None:
                     continue
                 plan.step = int(entry["step"])
-                if len(entry["blocks"]) != len(plan.locations[pi]):
-                    raise ValueError(f"parameter {key}: state has {len(entry['blocks'])} blocks, "
-                                     f"this optimizer {len(plan.locations[pi])} (block_size or "
-                                     "shapes differ)")
+                blocks = _saved_blocks(entry["blocks"], len(plan.locations[pi]), key)
                 for bi, (si, row) in enumerate(plan.locations[pi]):
-                    _load_block_state(plan.stacks[si], row, entry["blocks"][bi],
+                    if si < 0:
+                        continue  # another rank's block
+                    if bi not in blocks:
+                        raise ValueError(f"parameter {key} block {bi} is not in the state dict, "
+                                         f"which holds its blocks {sorted(blocks)} (one rank's "
+                                         "sharded state? load_checkpoint reads all ranks')")
+                    _load_block_state(plan.stacks[si], row, blocks[bi],
                                       f"parameter {key} block {bi}")
         for group, saved in zip(self.param_groups, saved_groups):
             group.update({k: v for k, v in saved.items() if k != "params"})
@@ -436,8 +527,23 @@ class Shampoo(torch.optim.Optimizer):
         # torch.optim pickles only defaults/state/param_groups; ours lives beside them.
         state = super().__getstate__()
         state.update(foreach=self.foreach, _plans=self._plans, _counters=self._counters,
-                     _warned_nonfinite=self._warned_nonfinite)
+                     _warned_nonfinite=self._warned_nonfinite, _data_parallel=self._data_parallel)
         return state
+
+
+def _saved_blocks(blocks: Any, count: int, key: Any) -> dict[int, Any]:
+    """A parameter's saved blocks by block index: all ``count`` of them (a list) or
+    any subset (a dict keyed by index, as from :meth:`Shampoo.sharded_state_dict`)."""
+    if isinstance(blocks, dict):
+        indexed = {int(b): v for b, v in blocks.items()}
+        if any(not 0 <= b < count for b in indexed):
+            raise ValueError(f"parameter {key}: state has block {max(indexed)}, this optimizer "
+                             f"{count} blocks (block_size or shapes differ)")
+        return indexed
+    if len(blocks) != count:
+        raise ValueError(f"parameter {key}: state has {len(blocks)} blocks, this optimizer "
+                         f"{count} (block_size or shapes differ)")
+    return dict(enumerate(blocks))
 
 
 def _gather(stack: BlockStack, pieces: list[_Piece],
