@@ -198,8 +198,10 @@ class Exchange:
         loads: per rank, the cost of the blocks it owns in this group and the groups
             before it (the next group's assignment starts from these).
         buckets: per (work dtype, device), its :class:`Bucket`, in creation order.
-        own_slots: ``(param, first block of a box) -> (bucket key, offset)`` for this
-            rank's boxes.
+        targets: ``(param, first block of a box) -> view`` of the buffer where this
+            rank puts that box's directions, shaped ``(*counts, *block_shape)``.
+        received: ``(param, box, view)`` for every rank's boxes, views of the buffers.
+            ``targets`` and ``received`` are made with the buffers (:meth:`allocate`).
     """
 
     world_size: int
@@ -207,14 +209,15 @@ class Exchange:
     owners: list[list[int]]
     loads: list[int]
     buckets: dict[tuple, Bucket] = field(default_factory=dict)
-    own_slots: dict[tuple[int, int], tuple[tuple, int]] = field(default_factory=dict)
+    targets: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    received: list[tuple[int, BlockRegion, torch.Tensor]] = field(default_factory=list)
 
     @classmethod
     def plan(cls, params: Sequence[torch.Tensor], layouts: Sequence[BlockLayout],
-             world_size: int, rank: int, initial_loads: Sequence[int] | None) -> "Exchange":
-        """Assigns the blocks of ``params`` (cost from :func:`block_cost`, items in the
-        order of the stacked regions, so that the assignment does not depend on
-        ``foreach``) to ranks."""
+             data_parallel: "DataParallel", previous: "Exchange | None") -> "Exchange":
+        """Assigns the blocks of ``params`` to ranks, balancing the loads on from the
+        ``previous`` param group's (costs from :func:`block_cost`, items in the order
+        of the stacked regions, so that the assignment does not depend on ``foreach``)."""
         keys, costs = [], []
         for pi, (param, layout) in enumerate(zip(params, layouts)):
             if param.numel() == 0:
@@ -223,11 +226,12 @@ class Exchange:
                 cost = block_cost(region.block_shape, layout.preconditioned_dims)
                 keys += [(pi, b) for b in region.block_indices]
                 costs += [cost] * region.num_blocks
-        ranks, loads = assign_blocks(costs, world_size, initial_loads)
+        world_size = data_parallel.world_size
+        ranks, loads = assign_blocks(costs, world_size, previous.loads if previous else None)
         owners = [[0] * layout.num_blocks for layout in layouts]
         for (pi, b), owner in zip(keys, ranks):
             owners[pi][b] = owner
-        return cls(world_size, rank, owners, loads)
+        return cls(world_size, data_parallel.rank, owners, loads)
 
     def add_param(self, param: int, regions: Sequence[BlockRegion], dtype: torch.dtype,
                   device: torch.device) -> list[BlockRegion]:
@@ -244,26 +248,26 @@ class Exchange:
                 numel = box.num_blocks * math.prod(box.block_shape)
                 bucket.slots[owner].append(Slot(param, box, bucket.lengths[owner], numel))
                 if owner == self.rank:
-                    self.own_slots[(param, box.block_indices[0])] = (key, bucket.lengths[owner])
                     own.append(box)
                 bucket.lengths[owner] += numel
         return own
 
-    @property
-    def owned_blocks(self) -> int:
-        return sum(row.count(self.rank) for row in self.owners)
-
-    def segments(self) -> dict[tuple, tuple[Bucket, torch.Tensor]]:
-        """Per bucket key, the bucket and this rank's segment of its buffer (the
-        buffers are allocated here, once)."""
-        result = {}
-        for key, bucket in self.buckets.items():
-            if bucket.buffer is None:  # zeros: the padding travels too, never NaN garbage
-                bucket.buffer = torch.zeros(self.world_size * bucket.segment, dtype=bucket.dtype,
-                                            device=bucket.device)
-            seg = bucket.segment
-            result[key] = (bucket, bucket.buffer[self.rank * seg:(self.rank + 1) * seg])
-        return result
+    def allocate(self) -> None:
+        """Allocates the buffers, once, and the views every step reuses."""
+        if all(b.buffer is not None for b in self.buckets.values()):
+            return
+        for bucket in self.buckets.values():  # zeros: padding travels too, never NaN garbage
+            bucket.buffer = torch.zeros(self.world_size * bucket.segment, dtype=bucket.dtype,
+                                        device=bucket.device)
+            for rank, slots in enumerate(bucket.slots):
+                for slot in slots:
+                    start = rank * bucket.segment + slot.offset
+                    box = slot.region
+                    view = bucket.buffer[start:start + slot.numel].view(
+                        (*box.counts, *box.block_shape))
+                    self.received.append((slot.param, box, view))
+                    if rank == self.rank:
+                        self.targets[(slot.param, box.block_indices[0])] = view
 
 
 # ------------------------------------------------------------------ data parallel
@@ -348,18 +352,16 @@ class DataParallel:
         the ranks' gradients differ. Checks the gradient the statistics will see (with
         coupled weight decay ``g + wd p``). Raises :class:`PeerFailure` if a rank failed."""
         coupled = config.weight_decay and not config.decoupled_weight_decay
-        checked = [g.add(p, alpha=config.weight_decay) if coupled else g
-                   for g, p in zip(grads, params)
-                   if g is not None and g.numel() > 0 and not g.is_sparse]
+        checked = {i: g.add(p, alpha=config.weight_decay) if coupled else g
+                   for i, (g, p) in enumerate(zip(grads, params))
+                   if g is not None and g.numel() > 0 and not g.is_sparse}
         statuses = [_ABSENT if g is None else _PRESENT for g in grads]
         # As in the single-process check: one host sync; a finite sum proves a gradient
         # finite, the elementwise test runs only when some sum is not.
-        sums = [g.sum() for g in checked]
+        sums = [g.sum() for g in checked.values()]
         if sums and not bool(torch.isfinite(torch.stack(
                 [s.to(sums[0].device, torch.float64) for s in sums])).all()):
-            candidates = [i for i, g in enumerate(grads)
-                          if g is not None and g.numel() > 0 and not g.is_sparse]
-            for i, g in zip(candidates, checked):
+            for i, g in checked.items():
                 if not bool(torch.isfinite(g).all()):
                     statuses[i] = _NONFINITE
         agreed = self._agreement(statuses, False)
@@ -379,36 +381,30 @@ class DataParallel:
         boxes' directions ``v``) times ``scale`` go into its segments, one all-gather per
         bucket, and the result holds, for every ``present`` parameter, all its boxes'
         ``u = scale v`` (views of the buffers, identical on every rank)."""
-        segments = exchange.segments()
+        exchange.allocate()
         for param, parts in updates.items():
             for region, update in parts:
-                key, offset = exchange.own_slots[(param, region.block_indices[0])]
-                target = segments[key][1][offset:offset + update.numel()]
-                torch.mul(update, scale, out=target.view(update.shape))
-        self._raise_if_failed(self._collect(segments, failed=False))
+                torch.mul(update, scale, out=exchange.targets[(param, region.block_indices[0])])
+        self._raise_if_failed(self._collect(exchange, failed=False))
         result: dict[int, list[tuple[BlockRegion, torch.Tensor]]] = {}
-        for bucket in exchange.buckets.values():
-            seg = bucket.segment
-            for rank, slots in enumerate(bucket.slots):
-                for slot in slots:
-                    if present[slot.param]:
-                        start = rank * seg + slot.offset
-                        view = bucket.buffer[start:start + slot.numel]
-                        region = slot.region
-                        result.setdefault(slot.param, []).append(
-                            (region, view.view((*region.counts, *region.block_shape))))
+        for param, region, view in exchange.received:
+            if present[param]:
+                result.setdefault(param, []).append((region, view))
         return result
 
-    def _collect(self, segments: dict[tuple, tuple[Bucket, torch.Tensor]],
-                 failed: bool) -> list[bool]:
+    def _collect(self, exchange: Exchange, failed: bool) -> list[bool]:
         """The all-gathers of one group; returns, per rank, whether it failed."""
-        for bucket, segment in segments.values():
-            segment[-1] = float(failed)
-            _all_gather(bucket.buffer, segment, self.group)
+        exchange.allocate()
+        buckets = list(exchange.buckets.values())
+        for bucket in buckets:
+            seg = bucket.segment
+            own = bucket.buffer[self.rank * seg:(self.rank + 1) * seg]
+            own[-1] = float(failed)  # the status element
+            _all_gather(bucket.buffer, own, self.group)
         self._next_group()
-        if not segments:
-            return [False] * self.world_size
-        flags = torch.stack([b.buffer[b.segment - 1::b.segment] for b, _ in segments.values()])
+        if not buckets:  # nothing to gather (only empty parameters): exchange the status
+            return [bool(f) for f in self._agreement([], failed)]
+        flags = torch.stack([b.buffer[b.segment - 1::b.segment] for b in buckets])
         return (flags != 0).any(dim=0).tolist()
 
     def abort(self, error: BaseException) -> None:
@@ -422,11 +418,34 @@ class DataParallel:
         if kind == "agree":
             self._agreement([_PRESENT] * self._sizes[self._group], True)
         else:
-            self._collect(exchange.segments(), failed=True)
+            self._collect(exchange, failed=True)
         self._next = None
 
 
 # -------------------------------------------------------------------- checkpoints
+def saved_blocks(blocks: Any, count: int, needed: Sequence[int], key: Any) -> dict[int, Any]:
+    """A parameter's saved block states by block index, from a list of all ``count``
+    (:meth:`Shampoo.state_dict`) or a dict keyed by index, ints or strings, holding
+    any subset (:meth:`Shampoo.sharded_state_dict`); raises ``ValueError`` unless every
+    block in ``needed`` is there and every index is below ``count``."""
+    if isinstance(blocks, dict):
+        indexed = {int(b): v for b, v in blocks.items()}
+        if any(not 0 <= b < count for b in indexed):
+            raise ValueError(f"parameter {key}: state has block {max(indexed)}, this optimizer "
+                             f"{count} blocks (block_size or shapes differ)")
+    elif len(blocks) != count:
+        raise ValueError(f"parameter {key}: state has {len(blocks)} blocks, this optimizer "
+                         f"{count} (block_size or shapes differ)")
+    else:
+        indexed = dict(enumerate(blocks))
+    missing = [b for b in needed if b not in indexed]
+    if missing:
+        raise ValueError(f"parameter {key} block {missing[0]} is not in the state dict, which "
+                         f"holds its blocks {sorted(indexed)} (one rank's sharded state? "
+                         "load_checkpoint reads every rank's)")
+    return indexed
+
+
 def _checkpoint_state(optimizer: Any, stateful: dict[str, Any]) -> dict[str, Any]:
     for name, obj in stateful.items():
         if name == "optimizer" or not (hasattr(obj, "state_dict") and

@@ -16,7 +16,7 @@ import torch
 
 from .blocking import BlockLayout, BlockRegion, block_layout, block_regions, region_view
 from .config import STRUCTURAL_FIELDS, ShampooConfig
-from .distributed import DataParallel, Exchange
+from .distributed import DataParallel, Exchange, saved_blocks
 from .grafting import graft, graft_direction_
 from .matrix_functions import newton_fraction
 from .preconditioner import BlockStack, StackState
@@ -90,13 +90,13 @@ def _work_dtype(param_dtype: torch.dtype) -> torch.dtype:
 
 def _build_plan(params: list[torch.Tensor], config: ShampooConfig, batched: bool,
                 data_parallel: DataParallel | None = None,
-                loads: list[int] | None = None) -> _GroupPlan:
-    """With ``data_parallel``, the blocks are assigned to ranks starting from ``loads``
-    (the previous group's) and the stacks get this rank's blocks only."""
+                previous: _GroupPlan | None = None) -> _GroupPlan:
+    """With ``data_parallel``, the blocks are assigned to ranks (balancing the loads
+    on from the ``previous`` group's) and the stacks get this rank's blocks only."""
     layouts = [block_layout(p.shape, config.block_size, config.max_preconditioned_dim)
                for p in params]
     exchange = None if data_parallel is None else Exchange.plan(
-        params, layouts, data_parallel.world_size, data_parallel.rank, loads)
+        params, layouts, data_parallel, previous.exchange if previous else None)
     stacks, pieces = [], []
     locations: list[list[tuple[int, int]]] = []
     index: dict[Any, int] = {}
@@ -126,10 +126,6 @@ def _build_plan(params: list[torch.Tensor], config: ShampooConfig, batched: bool
     for stack in stacks:
         stack.allocate(config)
     return _GroupPlan(layouts, stacks, pieces, locations, _structure(config), exchange=exchange)
-
-
-def _loads_after(plan: _GroupPlan | None) -> list[int] | None:
-    return None if plan is None or plan.exchange is None else plan.exchange.loads
 
 
 @dataclass
@@ -236,9 +232,9 @@ class Shampoo(torch.optim.Optimizer):
         params = self.param_groups[index]["params"]
         plan = self._plans[index]
         if plan is None:
-            plan = self._plans[index] = _build_plan(
-                params, config, self.foreach, self._data_parallel,
-                _loads_after(self._plans[index - 1] if index else None))
+            plan = self._plans[index] = _build_plan(params, config, self.foreach,
+                                                    self._data_parallel,
+                                                    self._plans[index - 1] if index else None)
         elif plan.structure != _structure(config):
             changed = [name for name, old, new in
                        zip(STRUCTURAL_FIELDS, plan.structure, _structure(config)) if old != new]
@@ -446,14 +442,12 @@ class Shampoo(torch.optim.Optimizer):
                 "counters": dict(self._counters)}
 
     def sharded_state_dict(self) -> dict[str, Any]:
-        """The state laid out for ``torch.distributed.checkpoint`` (see
-        :func:`.distributed.save_checkpoint`): keyed by parameter index and block index
-        (as strings), never by rank; per parameter ``"blocks"`` is a dict holding the
-        blocks this rank owns (all of them without data parallelism), so the union over
-        the ranks is the whole state at any world size. Of the counters only
-        ``nonfinite_grad_skips`` (the same on every rank) is kept; the others count per
-        rank. Allocates what a first step would, so that it is also the template that
-        ``torch.distributed.checkpoint.load`` fills. Tensors are copies."""
+        """The state for ``torch.distributed.checkpoint``, keyed by parameter and block
+        index (strings), never by rank: per parameter, ``"blocks"`` holds the blocks this
+        rank owns (all without data parallelism), so the ranks' union is the whole state
+        at any world size; of the counters only the rank-independent
+        ``nonfinite_grad_skips``. Allocates what a first step would, so that it is also
+        the template DCP loads into. Tensors are copies. See :mod:`.distributed`."""
         state, offset = {}, 0
         for gi, group in enumerate(self.param_groups):
             config = ShampooConfig.from_group(group)
@@ -500,7 +494,7 @@ class Shampoo(torch.optim.Optimizer):
         plans: list[_GroupPlan] = []
         for group, config in zip(self.param_groups, configs):
             plans.append(_build_plan(group["params"], config, self.foreach, self._data_parallel,
-                                     _loads_after(plans[-1] if plans else None)))
+                                     plans[-1] if plans else None))
         entries = state_dict["state"]
         for plan, saved in zip(plans, saved_groups):
             for pi, key in enumerate(saved["params"]):
@@ -508,16 +502,13 @@ class Shampoo(torch.optim.Optimizer):
                 if entry is None:
                     continue
                 plan.step = int(entry["step"])
-                blocks = _saved_blocks(entry["blocks"], len(plan.locations[pi]), key)
-                for bi, (si, row) in enumerate(plan.locations[pi]):
-                    if si < 0:
-                        continue  # another rank's block
-                    if bi not in blocks:
-                        raise ValueError(f"parameter {key} block {bi} is not in the state dict, "
-                                         f"which holds its blocks {sorted(blocks)} (one rank's "
-                                         "sharded state? load_checkpoint reads all ranks')")
-                    _load_block_state(plan.stacks[si], row, blocks[bi],
-                                      f"parameter {key} block {bi}")
+                where = plan.locations[pi]
+                blocks = saved_blocks(entry["blocks"], len(where),
+                                      [bi for bi, (si, _) in enumerate(where) if si >= 0], key)
+                for bi, (si, row) in enumerate(where):
+                    if si >= 0:  # not another rank's block
+                        _load_block_state(plan.stacks[si], row, blocks[bi],
+                                          f"parameter {key} block {bi}")
         for group, saved in zip(self.param_groups, saved_groups):
             group.update({k: v for k, v in saved.items() if k != "params"})
         self._plans = plans
@@ -529,21 +520,6 @@ class Shampoo(torch.optim.Optimizer):
         state.update(foreach=self.foreach, _plans=self._plans, _counters=self._counters,
                      _warned_nonfinite=self._warned_nonfinite, _data_parallel=self._data_parallel)
         return state
-
-
-def _saved_blocks(blocks: Any, count: int, key: Any) -> dict[int, Any]:
-    """A parameter's saved blocks by block index: all ``count`` of them (a list) or
-    any subset (a dict keyed by index, as from :meth:`Shampoo.sharded_state_dict`)."""
-    if isinstance(blocks, dict):
-        indexed = {int(b): v for b, v in blocks.items()}
-        if any(not 0 <= b < count for b in indexed):
-            raise ValueError(f"parameter {key}: state has block {max(indexed)}, this optimizer "
-                             f"{count} blocks (block_size or shapes differ)")
-        return indexed
-    if len(blocks) != count:
-        raise ValueError(f"parameter {key}: state has {len(blocks)} blocks, this optimizer "
-                         f"{count} (block_size or shapes differ)")
-    return dict(enumerate(blocks))
 
 
 def _gather(stack: BlockStack, pieces: list[_Piece],

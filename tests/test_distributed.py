@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -103,19 +104,21 @@ def test_every_block_travels_once_through_views_of_its_owner(shape, block_size, 
     param = torch.randn(shape, generator=gen)
     layout = block_layout(shape, block_size, max_dim)
     blocks = split_blocks(param, layout)
-    exchanges = [Exchange.plan([param], [layout], world_size, rank, None)
-                 for rank in range(world_size)]
+    exchanges = [Exchange.plan([param], [layout], SimpleNamespace(world_size=world_size, rank=rank),
+                               None) for rank in range(world_size)]
     assert all(e.owners == exchanges[0].owners for e in exchanges)
+    merged = param.reshape(layout.merged_shape)
+    # The same values in a non-contiguous tensor take region_view's other path.
+    strided = merged.mT.contiguous().mT if merged.dim() >= 2 else merged
     seen = []
     for rank, exchange in enumerate(exchanges):
         for box in exchange.add_param(0, block_regions(layout), torch.float32, param.device):
-            view = region_view(param.reshape(layout.merged_shape), box)
-            flat = view.reshape(-1, *box.block_shape)
-            for position, b in enumerate(box.block_indices):
-                assert exchange.owners[0][b] == rank
-                assert torch.equal(flat[position], blocks[b])
-                seen.append(b)
-        assert exchange.owned_blocks == exchange.owners[0].count(rank)
+            for source in (merged, strided):
+                flat = region_view(source, box).reshape(-1, *box.block_shape)
+                for position, b in enumerate(box.block_indices):
+                    assert torch.equal(flat[position], blocks[b])
+            assert all(exchange.owners[0][b] == rank for b in box.block_indices)
+            seen += box.block_indices
     assert sorted(seen) == list(range(layout.num_blocks))
     bucket_lengths = [sum(slot.numel for slot in e.buckets[(torch.float32, param.device)]
                           .slots[e.rank]) for e in exchanges]
