@@ -127,6 +127,7 @@ def _rank(rank: int, world_size: int, port: int, setup: Setup, results: Any) -> 
     dist.all_gather_object(everyone, row)
     if rank == 0:
         results.put(everyone)
+    dist.barrier()  # nobody tears the group down while another still uses it
     dist.destroy_process_group()
 
 

@@ -99,6 +99,7 @@ def _entry(rank: int, world_size: int, port: int, target: Callable, args: tuple)
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
         target(rank, world_size, *args)
+        dist.barrier()  # nobody tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
 
@@ -118,11 +119,34 @@ def run_ranks(world_size: int, target: Callable, *args: Any, timeout_s: float = 
 
 
 # ------------------------------------------------------------------------- ranks
-def _same_on_all_ranks(model: torch.nn.Module) -> bool:
+def _same_on_all_ranks(model: torch.nn.Module, group: Any = None) -> bool:
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-    everyone = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
-    dist.all_gather(everyone, flat)
+    everyone = [torch.empty_like(flat) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, flat, group=group)
     return all(torch.equal(flat, other) for other in everyone)
+
+
+def one_block(group: Any = None) -> tuple[torch.Tensor, Shampoo, bool]:
+    """A single parameter of a single block, the same gradients on every rank: over
+    several ranks, all but one own nothing (and take part all the same). Returns the
+    parameter, the optimizer and whether the ranks agreed bitwise after every step."""
+    holder = torch.nn.Linear(4, 5, bias=False)
+    with torch.no_grad():
+        holder.weight.copy_(torch.randn(5, 4, generator=torch.Generator().manual_seed(0)))
+    opt = Shampoo(holder.parameters(), lr=0.05, block_size=8, precondition_frequency=2,
+                  process_group=group)
+    gen = torch.Generator().manual_seed(1)
+    identical = True
+    for _ in range(8):
+        holder.weight.grad = torch.randn(5, 4, generator=gen)
+        opt.step()
+        identical = identical and (group is None or _same_on_all_ranks(holder, group))
+    return holder.weight.detach().clone(), opt, identical
+
+
+def _one_block_ranks(group: Any = None) -> dict[str, Any]:
+    param, opt, identical = one_block(group)
+    return {"param": param, "identical": identical, "owned_blocks": opt.metrics()["owned_blocks"]}
 
 
 def _train_ranks(rank: int, world_size: int, dtype: torch.dtype, grouped: bool,
@@ -157,6 +181,7 @@ def train_two_ranks(rank: int, world_size: int, out: Path) -> None:
     results = {"ddp": _train_ranks(rank, world_size, torch.float32, grouped=False),
                "manual": _train_ranks(rank, world_size, torch.float64, grouped=True,
                                       checkpoint=out / "checkpoint"),
+               "one_block": _one_block_ranks(dist.group.WORLD),
                "failures": failures(rank, world_size)}
     torch.save(results, out / f"two_ranks_{rank}.pt")
 
@@ -166,12 +191,18 @@ def train_three_ranks(rank: int, world_size: int, out: Path, checkpoint: Path) -
                "manual": _train_ranks(rank, world_size, torch.float64, grouped=True),
                "resumed": _train_ranks(rank, world_size, torch.float64, grouped=True,
                                        resume_from=checkpoint)}
+    pair = dist.new_group([0, 1])  # an explicit process_group that rank 2 is not in
+    if rank < 2:
+        results["pair"] = _one_block_ranks(pair)
+    else:
+        results["pair"] = _outcome(lambda: Shampoo([torch.nn.Parameter(torch.ones(2))],
+                                                   process_group=pair))
     torch.save(results, out / f"three_ranks_{rank}.pt")
 
 
-def _outcome(step: Callable[[], Any]) -> tuple[str, str]:
+def _outcome(call: Callable[[], Any]) -> tuple[str, str]:
     try:
-        step()
+        call()
     except Exception as error:  # the test checks which error each rank saw
         return type(error).__name__, str(error)
     return "ok", ""

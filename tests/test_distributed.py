@@ -258,6 +258,19 @@ def test_three_ranks_match_one_process_and_stay_identical(three_ranks, single):
     _check_ranks_match_single(three_ranks, single)
 
 
+def test_a_rank_that_owns_nothing_takes_part(two_ranks, three_ranks):
+    """One block over two ranks (the default group) and over an explicit pair of three
+    ranks: the owner alone holds state, every rank applies the same update."""
+    alone, _, _ = workers.one_block()
+    pair = [r["pair"] for r in three_ranks]
+    for results in ([r["one_block"] for r in two_ranks[1]], pair[:2]):
+        assert sorted(r["owned_blocks"] for r in results) == [0, 1]
+        for r in results:
+            assert r["identical"]
+            torch.testing.assert_close(r["param"], alone, rtol=1e-5, atol=1e-6)
+    assert pair[2] == ("ValueError", "this process is not a member of process_group")
+
+
 def test_checkpoint_of_two_ranks_resumes_in_one_process(two_ranks):
     out, results = two_ranks
     model = workers.make_model(torch.float64)
