@@ -17,6 +17,7 @@ seam is served without a special case.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import threading
 import time
@@ -312,3 +313,20 @@ def pending_from_rows(entries: Sequence[dict[str, Any] | None], result_type: typ
         results.append(result_type(**fields))
     return PendingRoots(computed_at=int(computed_at), activates_at=int(activates_at),
                         results=results)
+
+
+def encode_pending(entry: dict[str, Any] | None) -> bytes:
+    """:func:`pending_row`'s entry as one opaque leaf, for ``torch.distributed.checkpoint``,
+    whose load template must have the same keys as the checkpoint whether or not roots
+    were pending when it was written."""
+    buffer = io.BytesIO()
+    torch.save(entry, buffer)
+    return buffer.getvalue()
+
+
+def decode_pending(value: Any) -> dict[str, Any] | None:
+    """Inverse of :func:`encode_pending`; other values (a plain state dict's entry or
+    None) are returned as they are."""
+    if isinstance(value, (bytes, bytearray)):
+        return torch.load(io.BytesIO(value), map_location="cpu", weights_only=True)
+    return value

@@ -14,10 +14,11 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .async_roots import (RootEvents, RootScheduler, pending_from_rows, pending_row,
-                          resolve_root_delay)
+from .async_roots import (RootEvents, RootScheduler, decode_pending, encode_pending,
+                          pending_from_rows, pending_row, resolve_root_delay)
 from .blocking import BlockLayout, BlockRegion, block_layout, block_regions, region_view
 from .config import STRUCTURAL_FIELDS, ShampooConfig
+from .distributed import DataParallel, Exchange, saved_blocks
 from .eigenvalue_corrected import (EigenvalueCorrectedStack, basis_metrics,
                                    eigenvalue_corrected_direction_)
 from .grafting import graft, graft_direction_
@@ -25,6 +26,8 @@ from .matrix_functions import newton_fraction
 from .preconditioner import BlockStack, StackState
 
 STATE_FORMAT = "scalable_shampoo.shampoo/1"
+# Keys by parameter and block index (strings), blocks a dict that may hold a subset.
+SHARDED_FORMAT = "scalable_shampoo.shampoo.sharded/1"
 STACK_TYPES = {"shampoo": BlockStack, "eigenvalue_corrected": EigenvalueCorrectedStack}
 
 
@@ -66,6 +69,9 @@ class _GroupPlan:
         structure: the structural hyperparameters the plan was built with.
         step: steps taken by the group.
         checked_root_setting: the (root_method, exponent_multiplier) last validated.
+        exchange: with data parallelism, the blocks' owners and the all-gather layout;
+            the stacks then hold this rank's blocks only, ``locations`` has ``(-1, -1)``
+            for the others'.
     """
 
     layouts: list[BlockLayout]
@@ -75,6 +81,7 @@ class _GroupPlan:
     structure: tuple
     step: int = 0
     checked_root_setting: tuple | None = None
+    exchange: Exchange | None = None
 
 
 def _structure(config: ShampooConfig) -> tuple:
@@ -86,18 +93,27 @@ def _work_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
-def _build_plan(params: list[torch.Tensor], config: ShampooConfig, batched: bool) -> _GroupPlan:
-    layouts, stacks, pieces = [], [], []
+def _build_plan(params: list[torch.Tensor], config: ShampooConfig, batched: bool,
+                data_parallel: DataParallel | None = None,
+                previous: _GroupPlan | None = None) -> _GroupPlan:
+    """With ``data_parallel``, the blocks are assigned to ranks (balancing the loads
+    on from the ``previous`` group's) and the stacks get this rank's blocks only."""
+    layouts = [block_layout(p.shape, config.block_size, config.max_preconditioned_dim)
+               for p in params]
+    exchange = None if data_parallel is None else Exchange.plan(
+        params, layouts, data_parallel, previous.exchange if previous else None)
+    stacks, pieces = [], []
     locations: list[list[tuple[int, int]]] = []
     index: dict[Any, int] = {}
-    for pi, param in enumerate(params):
-        layout = block_layout(param.shape, config.block_size, config.max_preconditioned_dim)
-        layouts.append(layout)
+    for pi, (param, layout) in enumerate(zip(params, layouts)):
         if param.numel() == 0:  # nothing to precondition or update
             locations.append([])
             continue
         where: list[tuple[int, int]] = [(-1, -1)] * layout.num_blocks
-        for region in block_regions(layout, one_block_each=not batched):
+        regions = block_regions(layout, one_block_each=not batched)
+        if exchange is not None:  # this rank's boxes; the exchange records the others'
+            regions = exchange.add_param(pi, regions, _work_dtype(param.dtype), param.device)
+        for region in regions:
             key = ((region.block_shape, layout.preconditioned_dims, param.dtype, param.device)
                    if batched else (pi, region.block_indices))
             if key not in index:
@@ -115,7 +131,7 @@ def _build_plan(params: list[torch.Tensor], config: ShampooConfig, batched: bool
         locations.append(where)
     for stack in stacks:
         stack.allocate(config)
-    return _GroupPlan(layouts, stacks, pieces, locations, _structure(config))
+    return _GroupPlan(layouts, stacks, pieces, locations, _structure(config), exchange=exchange)
 
 
 @dataclass
@@ -167,6 +183,11 @@ class Shampoo(torch.optim.Optimizer):
             is garbage collected. Default False.
         root_workers: worker threads for ``async_roots`` (each runs one intra-op thread).
             None: half the cores, at most 4.
+        distributed: when ``torch.distributed`` is initialized (before the optimizer is
+            built) with more than one process, share the preconditioner work over its
+            ranks (SPEC 5, :mod:`.distributed`); False keeps every block on every rank.
+            Default True.
+        process_group: the group to share over; None: the default group.
     """
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -185,7 +206,8 @@ class Shampoo(torch.optim.Optimizer):
                  basis_refresh_tolerance: float = 0.0, factor_beta: float | None = None,
                  adam_epsilon: float = 1e-8, root_delay: int | None = None, *,
                  foreach: bool = True, async_roots: bool = False,
-                 root_workers: int | None = None) -> None:
+                 root_workers: int | None = None, distributed: bool = True,
+                 process_group: Any = None) -> None:
         defaults = ShampooConfig(
             lr=lr, betas=betas, epsilon=epsilon, weight_decay=weight_decay,
             block_size=block_size, max_preconditioned_dim=max_preconditioned_dim,
@@ -207,6 +229,7 @@ class Shampoo(torch.optim.Optimizer):
             raise ValueError(f"foreach must be True or False, got {foreach!r}")
         self.foreach = foreach
         self._roots = RootScheduler(async_roots, root_workers)
+        self._data_parallel = DataParallel.resolve(distributed, process_group)
         self._plans: list[_GroupPlan | None] = []
         self._counters = {"root_computations": 0, "root_failures": 0,
                           "nonfinite_grad_skips": 0, "root_seconds": 0.0,
@@ -233,7 +256,9 @@ class Shampoo(torch.optim.Optimizer):
         params = self.param_groups[index]["params"]
         plan = self._plans[index]
         if plan is None:
-            plan = self._plans[index] = _build_plan(params, config, self.foreach)
+            plan = self._plans[index] = _build_plan(params, config, self.foreach,
+                                                    self._data_parallel,
+                                                    self._plans[index - 1] if index else None)
         elif plan.structure != _structure(config):
             changed = [name for name, old, new in
                        zip(STRUCTURAL_FIELDS, plan.structure, _structure(config)) if old != new]
@@ -257,19 +282,29 @@ class Shampoo(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Validate every group before touching any, so a bad value leaves no partial step.
-        configs = [ShampooConfig.from_group(group) for group in self.param_groups]
-        delays = [resolve_root_delay(config, self._roots.asynchronous) for config in configs]
-        plans = [self._plan(index, config) for index, config in enumerate(configs)]
-        self._roots.raise_failures([stack for plan in plans for stack in plan.stacks])
-        for group, config, plan, delay in zip(self.param_groups, configs, plans, delays):
-            self._step_group(group, config, plan, delay)
+        if self._data_parallel is not None:
+            self._data_parallel.begin_step([len(g["params"]) for g in self.param_groups])
+        try:
+            # Validate every group before touching any, so a bad value leaves no partial step.
+            configs = [ShampooConfig.from_group(group) for group in self.param_groups]
+            delays = [resolve_root_delay(config, self._roots.asynchronous) for config in configs]
+            plans = [self._plan(index, config) for index, config in enumerate(configs)]
+            self._roots.raise_failures([stack for plan in plans for stack in plan.stacks])
+            for group, config, plan, delay in zip(self.param_groups, configs, plans, delays):
+                self._step_group(group, config, plan, delay)
+        except Exception as error:
+            if self._data_parallel is not None:  # join what the other ranks wait in
+                self._data_parallel.abort(error)
+            raise
         return loss
 
     def _step_group(self, group: dict[str, Any], config: ShampooConfig,
                     plan: _GroupPlan, delay: int) -> None:
         params = group["params"]
         grads = [p.grad for p in params]
+        nonfinite: set[int] = set()
+        if plan.exchange is not None:  # decided on whole gradients, the same on every rank
+            grads, nonfinite = self._data_parallel.agree(plan.exchange, grads, params, config)
         if all(g is None for g in grads):
             return
         for g in grads:
@@ -284,7 +319,8 @@ class Shampoo(torch.optim.Optimizer):
                   for g, layout in zip(grads, plan.layouts)]
         gathered = [_gather(stack, pieces, merged)
                     for stack, pieces in zip(plan.stacks, plan.pieces)]
-        bad = self._nonfinite_params(plan, gathered, step)
+        bad = nonfinite if plan.exchange is not None else self._nonfinite_params(plan, gathered)
+        self._note_skips(bad, step)
         if bad:  # rare: gather again without them, so no state of theirs is touched
             merged = [None if pi in bad else m for pi, m in enumerate(merged)]
             gathered = [_gather(stack, pieces, merged)
@@ -303,11 +339,13 @@ class Shampoo(torch.optim.Optimizer):
                 update = direction[position:position + region.num_blocks]
                 updates.setdefault(piece.param, []).append(
                     (region, update.view((*region.counts, *region.block_shape))))
+        if plan.exchange is not None:  # every rank gets every block's u = scale v
+            updates, scale = self._data_parallel.gather(
+                plan.exchange, updates, scale, [m is not None for m in merged]), 1.0
         _apply(params, plan.layouts, updates, config, scale)
 
-    def _nonfinite_params(self, plan: _GroupPlan, gathered: list[_Gathered],
-                          step: int) -> set[int]:
-        """The parameters whose gradient has NaN/Inf entries (counted, warned once)."""
+    def _nonfinite_params(self, plan: _GroupPlan, gathered: list[_Gathered]) -> set[int]:
+        """The parameters whose gradient has NaN/Inf entries."""
         bad: set[int] = set()
         present = [(stack, batch) for stack, batch in zip(plan.stacks, gathered)
                    if batch.blocks is not None]
@@ -321,6 +359,10 @@ class Shampoo(torch.optim.Optimizer):
             finite = torch.isfinite(batch.blocks.reshape(batch.blocks.shape[0], -1)).all(dim=1)
             bad.update(stack.members[batch.rows[j]][0]
                        for j in (~finite).nonzero().flatten().tolist())
+        return bad
+
+    def _note_skips(self, bad: set[int], step: int) -> None:
+        """Counts the parameters skipped for NaN/Inf gradients (warned once)."""
         if bad:
             self._counters["nonfinite_grad_skips"] += len(bad)
             if not self._warned_nonfinite:
@@ -329,7 +371,6 @@ class Shampoo(torch.optim.Optimizer):
                               f"at step {step}; their state is untouched. Later skips are "
                               "counted in metrics()['nonfinite_grad_skips'] without a warning.",
                               RuntimeWarning, stacklevel=6)  # the caller of optimizer.step()
-        return bad
 
     def _stack_direction(self, stack: BlockStack, rows: list[int], blocks: torch.Tensor | None,
                          config: ShampooConfig, step: int,
@@ -410,10 +451,14 @@ class Shampoo(torch.optim.Optimizer):
         - ``basis_refreshes``, ``basis_refreshes_skipped``, ``basis_failures``: bases
           of eigenvalue-corrected blocks recomputed, skipped (``basis_refresh_tolerance``)
           and rejected (NaN/Inf; the previous basis stayed in use).
-        - ``step``, ``num_blocks``, ``num_block_stacks``.
+        - ``step``, ``num_blocks`` (of all parameters), ``num_block_stacks``.
+        - ``world_size``, ``rank``, ``owned_blocks``: with data parallelism (SPEC 5) a
+          rank holds the state of its ``owned_blocks`` only; then every entry except
+          ``step``, ``num_blocks`` and ``nonfinite_grad_skips`` is this rank's alone.
         """
         plans = [p for p in self._plans if p is not None]
         residual, age, state_bytes, blocks, stacks, in_flight = 0.0, 0, 0, 0, 0, 0
+        data_parallel = self._data_parallel
         for plan in plans:
             for stack in plan.stacks:
                 stacks += 1
@@ -431,7 +476,10 @@ class Shampoo(torch.optim.Optimizer):
             **{k: float(v) if k.endswith("seconds") else int(v)
                for k, v in self._counters.items()},
             "root_residual_max": residual, "root_age_max": age, "state_bytes": state_bytes,
-            "num_blocks": blocks, "num_block_stacks": stacks, "roots_in_flight": in_flight,
+            "num_blocks": sum(len(where) for p in plans for where in p.locations),
+            "num_block_stacks": stacks, "owned_blocks": blocks, "roots_in_flight": in_flight,
+            "world_size": 1 if data_parallel is None else data_parallel.world_size,
+            "rank": 0 if data_parallel is None else data_parallel.rank,
             **basis_metrics(stack for plan in plans for stack in plan.stacks),
         }
 
@@ -441,13 +489,14 @@ class Shampoo(torch.optim.Optimizer):
         per block, the factors, roots in use, grafting and momentum state (eigenvalue-
         corrected blocks: the bases in "roots", the rotated moments, the basis counts),
         and roots computed but not yet in use (waiting for background work in flight).
-        Tensors are copies."""
+        Tensors are copies. With data parallelism, :meth:`sharded_state_dict` (this
+        rank's blocks)."""
+        if self._data_parallel is not None:
+            return self.sharded_state_dict()
         self._wait_for_roots()
-        state, groups, offset = {}, [], 0
+        state, groups, offset = {}, self._saved_groups(), 0
         for gi, group in enumerate(self.param_groups):
             count = len(group["params"])
-            groups.append({**{k: v for k, v in group.items() if k != "params"},
-                           "params": list(range(offset, offset + count))})
             plan = self._plans[gi]
             if plan is not None:
                 for pi in range(count):
@@ -459,14 +508,48 @@ class Shampoo(torch.optim.Optimizer):
         return {"format": STATE_FORMAT, "state": state, "param_groups": groups,
                 "counters": dict(self._counters)}
 
+    def sharded_state_dict(self) -> dict[str, Any]:
+        """The state for ``torch.distributed.checkpoint``, keyed by parameter and block
+        index (strings), never by rank: per parameter, ``"blocks"`` holds the blocks this
+        rank owns (all without data parallelism), so the ranks' union is the whole state
+        at any world size; of the counters only the rank-independent
+        ``nonfinite_grad_skips``. Allocates what a first step would, so that it is also
+        the template DCP loads into. Tensors are copies; roots computed but not yet in
+        use are one opaque ``bytes`` entry per block. See :mod:`.distributed`."""
+        self._wait_for_roots()
+        state, offset = {}, 0
+        for gi, group in enumerate(self.param_groups):
+            config = ShampooConfig.from_group(group)
+            plan = self._plan(gi, config)
+            for stack in plan.stacks:
+                stack.ensure_buffers(config)
+            for pi, where in enumerate(plan.locations):
+                state[str(offset + pi)] = {
+                    "step": plan.step,
+                    "blocks": {str(bi): _block_state(plan.stacks[si], row, sharded=True)
+                               for bi, (si, row) in enumerate(where) if si >= 0}}
+            offset += len(group["params"])
+        return {"format": SHARDED_FORMAT, "state": state, "param_groups": self._saved_groups(),
+                "counters": {"nonfinite_grad_skips": self._counters["nonfinite_grad_skips"]}}
+
+    def _saved_groups(self) -> list[dict[str, Any]]:
+        groups, offset = [], 0
+        for group in self.param_groups:
+            count = len(group["params"])
+            groups.append({**{k: v for k, v in group.items() if k != "params"},
+                           "params": list(range(offset, offset + count))})
+            offset += count
+        return groups
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores :meth:`state_dict`'s output (hyperparameters included, as
-        ``torch.optim`` does). Raises ``ValueError`` for another format or a state that
-        does not fit these parameters."""
-        if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
-            found = state_dict.get("format") if isinstance(state_dict, dict) else None
-            raise ValueError(f"not a Shampoo state dict of format {STATE_FORMAT!r} "
-                             f"(found format {found!r})")
+        """Restores :meth:`state_dict`'s or :meth:`sharded_state_dict`'s output
+        (hyperparameters included, as ``torch.optim`` does), taking the blocks this rank
+        owns from whichever blocks the state holds. Raises ``ValueError`` for another
+        format, a state that does not fit these parameters, or one that lacks a block."""
+        found = state_dict.get("format") if isinstance(state_dict, dict) else None
+        if found not in (STATE_FORMAT, SHARDED_FORMAT):
+            raise ValueError(f"not a Shampoo state dict of format {STATE_FORMAT!r} or "
+                             f"{SHARDED_FORMAT!r} (found format {found!r})")
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state dict has {len(saved_groups)} param groups, the optimizer "
@@ -477,23 +560,28 @@ class Shampoo(torch.optim.Optimizer):
                                  f"state dict {len(saved['params'])}")
         configs = [ShampooConfig.from_group({**g, **s}) for g, s in
                    zip(self.param_groups, saved_groups)]
-        plans = [_build_plan(group["params"], config, self.foreach)
-                 for group, config in zip(self.param_groups, configs)]
+        plans: list[_GroupPlan] = []
+        for group, config in zip(self.param_groups, configs):
+            plans.append(_build_plan(group["params"], config, self.foreach, self._data_parallel,
+                                     plans[-1] if plans else None))
         entries = state_dict["state"]
         for plan, saved in zip(plans, saved_groups):
+            # Per stack and row, the roots computed but not yet in use.
+            pending: list[list[Any]] = [[None] * len(stack.members) for stack in plan.stacks]
             for pi, key in enumerate(saved["params"]):
-                entry = entries.get(key)
+                entry = entries.get(key, entries.get(str(key)))
                 if entry is None:
                     continue
                 plan.step = int(entry["step"])
-                if len(entry["blocks"]) != len(plan.locations[pi]):
-                    raise ValueError(f"parameter {key}: state has {len(entry['blocks'])} blocks, "
-                                     f"this optimizer {len(plan.locations[pi])} (block_size or "
-                                     "shapes differ)")
-                for bi, (si, row) in enumerate(plan.locations[pi]):
-                    _load_block_state(plan.stacks[si], row, entry["blocks"][bi],
-                                      f"parameter {key} block {bi}")
-            _load_pending(plan, saved["params"], entries)
+                where = plan.locations[pi]
+                blocks = saved_blocks(entry["blocks"], len(where),
+                                      [bi for bi, (si, _) in enumerate(where) if si >= 0], key)
+                for bi, (si, row) in enumerate(where):
+                    if si >= 0:  # not another rank's block
+                        _load_block_state(plan.stacks[si], row, blocks[bi],
+                                          f"parameter {key} block {bi}")
+                        pending[si][row] = decode_pending(blocks[bi].get("pending_roots"))
+            _install_pending(plan, pending)
         for group, saved in zip(self.param_groups, saved_groups):
             group.update({k: v for k, v in saved.items() if k != "params"})
         self._plans = plans
@@ -505,7 +593,8 @@ class Shampoo(torch.optim.Optimizer):
         self._wait_for_roots()
         state = super().__getstate__()
         state.update(foreach=self.foreach, _plans=self._plans, _counters=self._counters,
-                     _warned_nonfinite=self._warned_nonfinite, _roots=self._roots)
+                     _warned_nonfinite=self._warned_nonfinite, _roots=self._roots,
+                     _data_parallel=self._data_parallel)
         return state
 
     # --------------------------------------------------------------------- lifecycle
@@ -579,7 +668,7 @@ def _apply(params: list[torch.Tensor], layouts: list[BlockLayout],
     torch._foreach_add_(targets, deltas, alpha=-config.lr * scale)
 
 
-def _block_state(stack: BlockStack, row: int) -> dict[str, Any]:
+def _block_state(stack: BlockStack, row: int, sharded: bool = False) -> dict[str, Any]:
     state, record = stack.state, stack.record
     def copy(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t[row].clone()
@@ -589,19 +678,15 @@ def _block_state(stack: BlockStack, row: int) -> dict[str, Any]:
             "root_computed_at": record.computed_at[row].clone(),
             "root_residual": record.residual[row].clone(),
             "root_failures": record.failures[row].clone(),
-            "pending_roots": pending_row(stack.pending, row),
+            "pending_roots": (encode_pending(pending_row(stack.pending, row)) if sharded
+                              else pending_row(stack.pending, row)),
             **{name: t[row].clone() for name, t in stack.extra_state().items()}}
 
 
-def _load_pending(plan: _GroupPlan, keys: list[int], entries: dict[int, Any]) -> None:
-    """Restores the roots computed but not yet in use, per stack, from its blocks."""
-    rows: list[list[dict[str, Any] | None]] = [[None] * len(s.members) for s in plan.stacks]
-    for pi, key in enumerate(keys):
-        entry = entries.get(key)
-        for bi, (si, row) in enumerate(plan.locations[pi] if entry is not None else ()):
-            rows[si][row] = entry["blocks"][bi].get("pending_roots")
+def _install_pending(plan: _GroupPlan, pending: list[list[dict[str, Any] | None]]) -> None:
+    """Restores each stack's roots computed but not yet in use from its rows' entries."""
     for si, stack in enumerate(plan.stacks):
-        stack.pending = pending_from_rows(rows[si], stack.result_type, stack.device,
+        stack.pending = pending_from_rows(pending[si], stack.result_type, stack.device,
                                           f"block stack {si} of shape {stack.block_shape}")
 
 

@@ -1,0 +1,500 @@
+"""Data-parallel Shampoo over ``torch.distributed`` (SPEC 5).
+
+Every rank holds the whole model and, after the data-parallel all-reduce, the whole
+gradient. The preconditioner work is split instead of repeated: each block is owned by
+one rank (:func:`assign_blocks`, the same on every rank without communication), which
+keeps that block's statistics, roots, grafting and momentum state and computes its
+update direction. One all-gather per dtype bucket (flat buffers, :class:`Exchange`) then
+gives every rank every direction, and every rank applies the identical update, so the
+parameters stay bit-identical across ranks.
+
+Every per-step decision is agreed on by all ranks (:meth:`DataParallel.agree`): which
+parameters are skipped (no gradient or NaN/Inf anywhere), and whether some rank failed.
+A rank that raises inside ``step()`` first joins the collective the other ranks wait in,
+marked as failed (:meth:`DataParallel.abort`), so every rank raises instead of hanging.
+
+Checkpoints are keyed by parameter and block index, never by rank, so they load at any
+world size; :func:`save_checkpoint` / :func:`load_checkpoint` write and read them with
+``torch.distributed.checkpoint``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .blocking import BlockLayout, BlockRegion, block_regions
+
+if TYPE_CHECKING:
+    from .config import ShampooConfig
+
+# Per-parameter gradient status, agreed by an all-reduce with MAX.
+_PRESENT, _ABSENT, _NONFINITE = 0, 1, 2
+
+
+class PeerFailure(RuntimeError):
+    """Raised on every rank whose ``step()`` stopped because another rank failed."""
+
+
+# ------------------------------------------------------------------- assignment
+def block_cost(block_shape: Sequence[int], dims: Sequence[int]) -> int:
+    """The work of one block, in rough flops: ``d^3`` per factor of size ``d`` for its
+    root, plus ``numel * (sum of factor sizes + 1)`` per step for statistics,
+    preconditioning and the elementwise grafting and momentum."""
+    numel = math.prod(block_shape)
+    sizes = [block_shape[d] for d in dims]
+    return sum(d**3 for d in sizes) + numel * (sum(sizes) + 1)
+
+
+def assign_blocks(costs: Sequence[int], world_size: int,
+                  initial_loads: Sequence[int] | None = None) -> tuple[list[int], list[int]]:
+    """Owner rank of each item, and each rank's load afterwards (``initial_loads`` plus
+    its items' costs): greedy longest-processing-time, a pure function of its inputs.
+
+    Items are taken in decreasing cost (ties by position); each goes to the least
+    loaded rank (ties: the lower rank). Items of equal cost are interchangeable, so
+    their ranks' shares are then handed out as contiguous runs in item order (rank 0
+    first): the loads are LPT's, and equal-shape blocks of a box stay together, which
+    keeps their gathers and scatters one strided copy per box. With zero initial loads
+    the spread of the loads is at most the largest cost.
+    """
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    loads = [0] * world_size if initial_loads is None else [int(x) for x in initial_loads]
+    if len(loads) != world_size:
+        raise ValueError(f"initial_loads must have world_size={world_size} entries, "
+                         f"got {len(loads)}")
+    if any(c < 0 for c in costs):
+        raise ValueError("costs must be >= 0")
+    heap = [(load, rank) for rank, load in enumerate(loads)]
+    heapq.heapify(heap)
+    shares: dict[int, list[int]] = {}
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        load, rank = heapq.heappop(heap)
+        heapq.heappush(heap, (load + costs[i], rank))
+        shares.setdefault(costs[i], [0] * world_size)[rank] += 1
+    owners = [0] * len(costs)
+    handed = {cost: (0, 0) for cost in shares}  # per cost: (rank, items it got so far)
+    for i, cost in enumerate(costs):
+        rank, taken = handed[cost]
+        while taken == shares[cost][rank]:
+            rank, taken = rank + 1, 0
+        owners[i] = rank
+        handed[cost] = (rank, taken + 1)
+    for load, rank in heap:
+        loads[rank] = load
+    return owners, loads
+
+
+def row_major_boxes(counts: Sequence[int], start: int,
+                    stop: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Positions ``start <= i < stop`` of a row-major grid of shape ``counts``, as
+    boxes ``(first index, box counts)``: at most ``2 k - 1`` of them for ``k`` dims."""
+    if start >= stop:
+        return []
+    if not counts:
+        return [((), ())]
+    inner = math.prod(counts[1:])
+    rest = tuple(counts[1:])
+
+    def row(index: int, begin: int, end: int) -> list:
+        return [((index, *at), (1, *size)) for at, size in row_major_boxes(rest, begin, end)]
+
+    first, last = start // inner, (stop - 1) // inner
+    head, tail = start - first * inner, stop - last * inner
+    if first == last:
+        return row(first, head, tail)
+    boxes = []
+    if head:
+        boxes += row(first, head, inner)
+        first += 1
+    full_stop = last + 1 if tail == inner else last
+    if full_stop > first:
+        boxes.append(((first, *[0] * len(rest)), (full_stop - first, *rest)))
+    if tail != inner:
+        boxes += row(last, 0, tail)
+    return boxes
+
+
+def sub_region(region: BlockRegion, at: Sequence[int], counts: Sequence[int]) -> BlockRegion:
+    """The box of ``region``'s blocks from block position ``at`` with ``counts``."""
+    k = len(region.counts)
+    grid = torch.tensor(region.block_indices, dtype=torch.long).reshape(region.counts)
+    picked = grid[tuple(slice(a, a + c) for a, c in zip(at, counts))]
+    return BlockRegion(
+        starts=tuple(s + a * b for s, a, b in zip(region.starts, at, region.block_shape)),
+        counts=tuple(counts), block_shape=region.block_shape,
+        block_indices=tuple(picked.flatten().tolist()), strides=region.strides,
+        offset=region.offset + sum(a * region.strides[d] for d, a in enumerate(at[:k])))
+
+
+def split_region(region: BlockRegion, owners: Sequence[int]) -> list[tuple[int, BlockRegion]]:
+    """``region`` cut into boxes whose blocks have one owner each, as ``(owner, box)``;
+    ``owners[b]`` is the owner of layout block ``b``. Contiguous runs of one owner (in
+    the region's row-major block order) stay a few boxes, not one per block."""
+    ranks = [owners[b] for b in region.block_indices]
+    if all(r == ranks[0] for r in ranks):
+        return [(ranks[0], region)]
+    parts = []
+    start = 0
+    for stop in range(1, len(ranks) + 1):
+        if stop == len(ranks) or ranks[stop] != ranks[start]:
+            parts += [(ranks[start], sub_region(region, at, counts))
+                      for at, counts in row_major_boxes(region.counts, start, stop)]
+            start = stop
+    return parts
+
+
+# ----------------------------------------------------------------------- exchange
+@dataclass(frozen=True)
+class Slot:
+    """Where one box of blocks travels: ``numel`` elements from ``offset`` of its
+    owner's segment of a bucket."""
+
+    param: int
+    region: BlockRegion
+    offset: int
+    numel: int
+
+
+@dataclass
+class Bucket:
+    """One flat all-gather buffer: the directions of one work dtype and device.
+
+    Attributes:
+        dtype, device: of the directions (and the buffer).
+        slots: per rank, the boxes it contributes, in order.
+        lengths: per rank, the elements it contributes.
+        buffer: ``world_size`` segments of ``segment`` elements each, allocated at the
+            first exchange; a segment ends with one status element (0: ok, 1: failed).
+    """
+
+    dtype: torch.dtype
+    device: torch.device
+    slots: list[list[Slot]]
+    lengths: list[int]
+    buffer: torch.Tensor | None = None
+
+    @property
+    def segment(self) -> int:
+        return max(self.lengths) + 1
+
+
+@dataclass
+class Exchange:
+    """One param group's blocks across ranks: which rank owns which block, and where
+    every rank's directions travel in the all-gather buffers.
+
+    Attributes:
+        world_size, rank: of the process group.
+        owners: per parameter, per block, its owner rank.
+        loads: per rank, the cost of the blocks it owns in this group and the groups
+            before it (the next group's assignment starts from these).
+        buckets: per (work dtype, device), its :class:`Bucket`, in creation order.
+        targets: ``(param, first block of a box) -> view`` of the buffer where this
+            rank puts that box's directions, shaped ``(*counts, *block_shape)``.
+        received: ``(param, box, view)`` for every rank's boxes, views of the buffers.
+            ``targets`` and ``received`` are made with the buffers (:meth:`allocate`).
+    """
+
+    world_size: int
+    rank: int
+    owners: list[list[int]]
+    loads: list[int]
+    buckets: dict[tuple, Bucket] = field(default_factory=dict)
+    targets: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    received: list[tuple[int, BlockRegion, torch.Tensor]] = field(default_factory=list)
+
+    @classmethod
+    def plan(cls, params: Sequence[torch.Tensor], layouts: Sequence[BlockLayout],
+             data_parallel: "DataParallel", previous: "Exchange | None") -> "Exchange":
+        """Assigns the blocks of ``params`` to ranks, balancing the loads on from the
+        ``previous`` param group's (costs from :func:`block_cost`, items in the order
+        of the stacked regions, so that the assignment does not depend on ``foreach``)."""
+        keys, costs = [], []
+        for pi, (param, layout) in enumerate(zip(params, layouts)):
+            if param.numel() == 0:
+                continue
+            for region in block_regions(layout):
+                cost = block_cost(region.block_shape, layout.preconditioned_dims)
+                keys += [(pi, b) for b in region.block_indices]
+                costs += [cost] * region.num_blocks
+        world_size = data_parallel.world_size
+        ranks, loads = assign_blocks(costs, world_size, previous.loads if previous else None)
+        owners = [[0] * layout.num_blocks for layout in layouts]
+        for (pi, b), owner in zip(keys, ranks):
+            owners[pi][b] = owner
+        return cls(world_size, data_parallel.rank, owners, loads)
+
+    def add_param(self, param: int, regions: Sequence[BlockRegion], dtype: torch.dtype,
+                  device: torch.device) -> list[BlockRegion]:
+        """Records every rank's boxes of ``regions`` (one parameter's) and returns this
+        rank's, which its block stacks then hold."""
+        key = (dtype, device)
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            bucket = self.buckets[key] = Bucket(dtype, device, [[] for _ in range(self.world_size)],
+                                                [0] * self.world_size)
+        own = []
+        for region in regions:
+            for owner, box in split_region(region, self.owners[param]):
+                numel = box.num_blocks * math.prod(box.block_shape)
+                bucket.slots[owner].append(Slot(param, box, bucket.lengths[owner], numel))
+                if owner == self.rank:
+                    own.append(box)
+                bucket.lengths[owner] += numel
+        return own
+
+    def allocate(self) -> None:
+        """Allocates the buffers, once, and the views every step reuses."""
+        if all(b.buffer is not None for b in self.buckets.values()):
+            return
+        for bucket in self.buckets.values():  # zeros: padding travels too, never NaN garbage
+            bucket.buffer = torch.zeros(self.world_size * bucket.segment, dtype=bucket.dtype,
+                                        device=bucket.device)
+            for rank, slots in enumerate(bucket.slots):
+                for slot in slots:
+                    start = rank * bucket.segment + slot.offset
+                    box = slot.region
+                    view = bucket.buffer[start:start + slot.numel].view(
+                        (*box.counts, *box.block_shape))
+                    self.received.append((slot.param, box, view))
+                    if rank == self.rank:
+                        self.targets[(slot.param, box.block_indices[0])] = view
+
+
+# ------------------------------------------------------------------ data parallel
+def _all_gather(output: torch.Tensor, segment: torch.Tensor, group: Any) -> None:
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, segment, group=group)
+
+
+class DataParallel:
+    """The process group an optimizer shares its blocks over, and the per-step protocol.
+
+    Within one ``step()`` the ranks run, per param group, one agreement (a small
+    all-reduce) and, unless no parameter has a gradient, one all-gather per bucket.
+    ``_next`` is the collective the other ranks run next (of param group ``_group``),
+    which :meth:`abort` joins.
+    """
+
+    def __init__(self, group: Any, rank: int, world_size: int) -> None:
+        self.group, self.rank, self.world_size = group, rank, world_size
+        backend = str(dist.get_backend(group))
+        self.device = (torch.device("cuda", torch.cuda.current_device())
+                       if backend == "nccl" else torch.device("cpu"))
+        self._sizes: list[int] = []
+        self._group = 0
+        self._next: tuple[str, Exchange | None] | None = None
+
+    @classmethod
+    def resolve(cls, distributed: bool, process_group: Any) -> "DataParallel | None":
+        """The data parallelism the optimizer's arguments ask for: None when
+        ``distributed=False``, when no process group is initialized (and none given),
+        or for a world of one process."""
+        if not isinstance(distributed, bool):
+            raise ValueError(f"distributed must be True or False, got {distributed!r}")
+        if not distributed:
+            if process_group is not None:
+                raise ValueError("process_group is given but distributed=False")
+            return None
+        if not (dist.is_available() and dist.is_initialized()):
+            if process_group is not None:
+                raise ValueError("process_group is given but torch.distributed is not "
+                                 "initialized")
+            return None
+        rank = dist.get_rank(process_group)
+        if rank < 0:
+            raise ValueError("this process is not a member of process_group")
+        world_size = dist.get_world_size(process_group)
+        return cls(process_group, rank, world_size) if world_size > 1 else None
+
+    def __deepcopy__(self, memo: dict) -> "DataParallel":
+        return self  # a process group is shared, not copied
+
+    # ---------------------------------------------------------------- protocol
+    def begin_step(self, group_sizes: Sequence[int]) -> None:
+        """Starts a step over param groups of these sizes: group 0's agreement is next."""
+        self._sizes, self._group = list(group_sizes), 0
+        self._next = ("agree", None) if self._sizes else None
+
+    def _next_group(self) -> None:
+        self._group += 1
+        self._next = ("agree", None) if self._group < len(self._sizes) else None
+
+    def _raise_if_failed(self, failed: Sequence[bool]) -> None:
+        ranks = [r for r, f in enumerate(failed) if f]
+        if ranks:
+            self._next = None  # every rank knows: nothing left to join
+            raise PeerFailure(f"Shampoo.step() failed on rank(s) {ranks} of {self.world_size} "
+                              "(see the error raised there); no parameter was updated here")
+
+    def _agreement(self, statuses: list[int], failed: bool) -> list[int]:
+        vector = torch.zeros(self.world_size + len(statuses), dtype=torch.int32)
+        vector[self.rank] = int(failed)
+        vector[self.world_size:] = torch.tensor(statuses, dtype=torch.int32)
+        vector = vector.to(self.device)
+        dist.all_reduce(vector, op=dist.ReduceOp.MAX, group=self.group)
+        return vector.tolist()
+
+    def agree(self, exchange: Exchange, grads: list[torch.Tensor | None],
+              params: list[torch.Tensor],
+              config: "ShampooConfig") -> tuple[list[torch.Tensor | None], set[int]]:
+        """The next param group's gradients with None for every parameter skipped on some
+        rank, and the parameters skipped for NaN/Inf: the same on every rank, even if
+        the ranks' gradients differ. Checks the gradient the statistics will see (with
+        coupled weight decay ``g + wd p``). Raises :class:`PeerFailure` if a rank failed."""
+        coupled = config.weight_decay and not config.decoupled_weight_decay
+        checked = {i: g.add(p, alpha=config.weight_decay) if coupled else g
+                   for i, (g, p) in enumerate(zip(grads, params))
+                   if g is not None and g.numel() > 0 and not g.is_sparse}
+        statuses = [_ABSENT if g is None else _PRESENT for g in grads]
+        # As in the single-process check: one host sync; a finite sum proves a gradient
+        # finite, the elementwise test runs only when some sum is not.
+        sums = [g.sum() for g in checked.values()]
+        if sums and not bool(torch.isfinite(torch.stack(
+                [s.to(sums[0].device, torch.float64) for s in sums])).all()):
+            for i, g in checked.items():
+                if not bool(torch.isfinite(g).all()):
+                    statuses[i] = _NONFINITE
+        agreed = self._agreement(statuses, False)
+        self._raise_if_failed(agreed[:self.world_size])
+        agreed = agreed[self.world_size:]
+        grads = [g if s == _PRESENT else None for g, s in zip(grads, agreed)]
+        if any(g is not None for g in grads):
+            self._next = ("gather", exchange)
+        else:
+            self._next_group()
+        return grads, {i for i, s in enumerate(agreed) if s == _NONFINITE}
+
+    def gather(self, exchange: Exchange,
+               updates: dict[int, list[tuple[BlockRegion, torch.Tensor]]], scale: float,
+               present: Sequence[bool]) -> dict[int, list[tuple[BlockRegion, torch.Tensor]]]:
+        """Every rank's update directions: this rank's ``updates`` (per parameter, its
+        boxes' directions ``v``) times ``scale`` go into its segments, one all-gather per
+        bucket, and the result holds, for every ``present`` parameter, all its boxes'
+        ``u = scale v`` (views of the buffers, identical on every rank)."""
+        exchange.allocate()
+        for param, parts in updates.items():
+            for region, update in parts:
+                torch.mul(update, scale, out=exchange.targets[(param, region.block_indices[0])])
+        self._raise_if_failed(self._collect(exchange, failed=False))
+        result: dict[int, list[tuple[BlockRegion, torch.Tensor]]] = {}
+        for param, region, view in exchange.received:
+            if present[param]:
+                result.setdefault(param, []).append((region, view))
+        return result
+
+    def _collect(self, exchange: Exchange, failed: bool) -> list[bool]:
+        """The all-gathers of one group; returns, per rank, whether it failed."""
+        exchange.allocate()
+        buckets = list(exchange.buckets.values())
+        for bucket in buckets:
+            seg = bucket.segment
+            own = bucket.buffer[self.rank * seg:(self.rank + 1) * seg]
+            own[-1] = float(failed)  # the status element
+            _all_gather(bucket.buffer, own, self.group)
+        self._next_group()
+        if not buckets:  # nothing to gather (only empty parameters): exchange the status
+            return [bool(f) for f in self._agreement([], failed)]
+        flags = torch.stack([b.buffer[b.segment - 1::b.segment] for b in buckets])
+        return (flags != 0).any(dim=0).tolist()
+
+    def abort(self, error: BaseException) -> None:
+        """After ``error`` on this rank inside ``step()``: joins, marked as failed, the
+        collective the other ranks run next, so that they raise :class:`PeerFailure`
+        instead of waiting; the caller then re-raises ``error``."""
+        pending, self._next = self._next, None
+        if pending is None or isinstance(error, PeerFailure):
+            return
+        kind, exchange = pending
+        if kind == "agree":
+            self._agreement([_PRESENT] * self._sizes[self._group], True)
+        else:
+            self._collect(exchange, failed=True)
+        self._next = None
+
+
+# -------------------------------------------------------------------- checkpoints
+def saved_blocks(blocks: Any, count: int, needed: Sequence[int], key: Any) -> dict[int, Any]:
+    """A parameter's saved block states by block index, from a list of all ``count``
+    (:meth:`Shampoo.state_dict`) or a dict keyed by index, ints or strings, holding
+    any subset (:meth:`Shampoo.sharded_state_dict`); raises ``ValueError`` unless every
+    block in ``needed`` is there and every index is below ``count``."""
+    if isinstance(blocks, dict):
+        indexed = {int(b): v for b, v in blocks.items()}
+        if any(not 0 <= b < count for b in indexed):
+            raise ValueError(f"parameter {key}: state has block {max(indexed)}, this optimizer "
+                             f"{count} blocks (block_size or shapes differ)")
+    elif len(blocks) != count:
+        raise ValueError(f"parameter {key}: state has {len(blocks)} blocks, this optimizer "
+                         f"{count} (block_size or shapes differ)")
+    else:
+        indexed = dict(enumerate(blocks))
+    missing = [b for b in needed if b not in indexed]
+    if missing:
+        raise ValueError(f"parameter {key} block {missing[0]} is not in the state dict, which "
+                         f"holds its blocks {sorted(indexed)} (one rank's sharded state? "
+                         "load_checkpoint reads every rank's)")
+    return indexed
+
+
+def _checkpoint_state(optimizer: Any, stateful: dict[str, Any]) -> dict[str, Any]:
+    for name, obj in stateful.items():
+        if name == "optimizer" or not (hasattr(obj, "state_dict") and
+                                       hasattr(obj, "load_state_dict")):
+            raise ValueError(f"{name}= must be an object with state_dict() and "
+                             "load_state_dict() (a model, a scheduler), named other than "
+                             "'optimizer'")
+    return {"optimizer": optimizer.sharded_state_dict(),
+            **{name: obj.state_dict() for name, obj in stateful.items()}}
+
+
+@contextmanager
+def _dcp_arguments(optimizer: Any) -> Iterator[dict[str, Any]]:
+    """DCP's process arguments: the optimizer's group, or one process when there is no
+    process group (a mode DCP warns about on every call; here it is the intent)."""
+    data_parallel = getattr(optimizer, "_data_parallel", None)
+    no_dist = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():
+        if no_dist:
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield {"process_group": None if data_parallel is None else data_parallel.group,
+               "no_dist": no_dist}
+
+
+def save_checkpoint(checkpoint_id: Any, optimizer: Any, **stateful: Any) -> None:
+    """Writes a world-size-independent checkpoint with ``torch.distributed.checkpoint``:
+    ``optimizer``'s :meth:`~scalable_shampoo.Shampoo.sharded_state_dict` under
+    ``"optimizer"`` and ``obj.state_dict()`` under each keyword (e.g. ``model=module``,
+    the unwrapped module of a ``DistributedDataParallel``). Every rank calls it; each
+    writes the blocks it owns, replicated entries are written once.
+
+    ``checkpoint_id`` is the checkpoint directory (or a DCP storage id)."""
+    import torch.distributed.checkpoint as dcp  # optional machinery, imported when used
+
+    with _dcp_arguments(optimizer) as arguments:
+        dcp.save(_checkpoint_state(optimizer, stateful), checkpoint_id=checkpoint_id,
+                 **arguments)
+
+
+def load_checkpoint(checkpoint_id: Any, optimizer: Any, **stateful: Any) -> None:
+    """Reads a checkpoint written by :func:`save_checkpoint` at any world size (or by
+    one process) into ``optimizer`` and the keyword objects, which must be built as at
+    saving (same parameters, same optimizer structure). Every rank calls it and reads
+    only the blocks it owns."""
+    import torch.distributed.checkpoint as dcp
+
+    state = _checkpoint_state(optimizer, stateful)
+    with _dcp_arguments(optimizer) as arguments:
+        dcp.load(state, checkpoint_id=checkpoint_id, **arguments)
+    optimizer.load_state_dict(state["optimizer"])
+    for name, obj in stateful.items():
+        obj.load_state_dict(state[name])

@@ -1,0 +1,292 @@
+"""Multi-process runs for tests/test_distributed.py: a launcher (spawned CPU processes,
+gloo, a free port, timeouts on every collective and on the whole run), the shared
+workload, and the functions the ranks run. Kept apart from the test module so that
+the spawned processes import torch and the library only."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import socket
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from scalable_shampoo import Shampoo
+from scalable_shampoo.distributed import PeerFailure, load_checkpoint, save_checkpoint
+
+STEPS = 32
+SAVE_AT = 16
+BATCH = 24  # divisible by 2 and 3: every rank's mean loss weighs equally
+COLLECTIVE_TIMEOUT_S = 60
+
+# float32 through DDP: uneven blocks (block_size 8 cuts 24x10, 20x24, 3x20 and the biases
+# into blocks of 8x8, 8x2, 4x8, 3x4, ...; dimensions above 20 get no factor).
+DDP_OPTIONS = dict(lr=0.01, block_size=8, max_preconditioned_dim=20, precondition_frequency=4,
+                   epsilon=1e-4, weight_decay=0.01)
+# float64 with manual all-reduce: two groups, so the assignment carries loads over groups.
+WEIGHT_OPTIONS = dict(lr=0.02, block_size=8, max_preconditioned_dim=20,
+                      precondition_frequency=3, start_preconditioning_step=2, epsilon=1e-6,
+                      factor_dtype=torch.float64, betas=(0.9, 0.99), nesterov=True,
+                      weight_decay=0.01, decoupled_weight_decay=False)
+BIAS_OPTIONS = dict(lr=0.01, grafting="sgd", betas=(0.5, 1.0), block_size=8)
+# The "async" variant: roots delayed by 3 steps (so the checkpoint at SAVE_AT holds roots
+# computed but not yet in use) and the biases eigenvalue-corrected, whose bases are
+# delayed the same way; the ranks compute them on background workers.
+ASYNC_WEIGHT_OPTIONS = dict(WEIGHT_OPTIONS, root_delay=3)
+ASYNC_BIAS_OPTIONS = dict(lr=0.01, preconditioner="eigenvalue_corrected", betas=(0.9, 0.99),
+                          block_size=8, precondition_frequency=3, root_delay=2)
+
+
+def make_model(dtype: torch.dtype) -> torch.nn.Module:
+    model = torch.nn.Sequential(torch.nn.Linear(10, 24), torch.nn.Tanh(), torch.nn.Linear(24, 20),
+                                torch.nn.Tanh(), torch.nn.Linear(20, 3)).to(dtype)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype) / math.sqrt(p.shape[-1]))
+    return model
+
+
+def param_groups(model: torch.nn.Module, variant: str | None = None) -> list[dict[str, Any]]:
+    weights = [p for p in model.parameters() if p.dim() > 1]
+    biases = [p for p in model.parameters() if p.dim() == 1]
+    if variant == "async":
+        return [{"params": weights, **ASYNC_WEIGHT_OPTIONS},
+                {"params": biases, **ASYNC_BIAS_OPTIONS}]
+    return [{"params": weights, **WEIGHT_OPTIONS}, {"params": biases, **BIAS_OPTIONS}]
+
+
+def batch(step: int, rank: int = 0, world_size: int = 1,
+          dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step ``step``'s global batch (the same on every rank), or rank ``rank``'s share."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(BATCH, 10, generator=gen, dtype=dtype)
+    y = torch.randn(BATCH, 3, generator=gen, dtype=dtype)
+    share = BATCH // world_size
+    return x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+
+
+def loss_of(model: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((model(x) - y) ** 2).mean()
+
+
+def params_of(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def train_single(dtype: torch.dtype, grouped: bool, start: int = 0, stop: int = STEPS,
+                 model: torch.nn.Module | None = None, opt: Shampoo | None = None,
+                 variant: str | None = None) -> tuple[torch.nn.Module, Shampoo]:
+    """The one-process run on whole batches, steps ``start`` to ``stop`` (synchronous
+    roots, also for the "async" variant: the trajectory is the same)."""
+    model = model or make_model(dtype)
+    opt = opt or Shampoo(param_groups(model, variant) if grouped else model.parameters(),
+                         **({} if grouped else DDP_OPTIONS))
+    for step in range(start, stop):
+        opt.zero_grad()
+        loss_of(model, *batch(step, dtype=dtype)).backward()
+        opt.step()
+    return model, opt
+
+
+# ---------------------------------------------------------------------- launcher
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, target: Callable, args: tuple) -> None:
+    torch.set_num_threads(1)  # the ranks share the machine's cores
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    try:
+        target(rank, world_size, *args)
+        dist.barrier()  # nobody tears the group down while another still uses it
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(world_size: int, target: Callable, *args: Any, timeout_s: float = 240) -> None:
+    """Runs ``target(rank, world_size, *args)`` in ``world_size`` spawned processes; a
+    rank's exception is raised here, a run past ``timeout_s`` fails."""
+    context = mp.start_processes(_entry, args=(world_size, _free_port(), target, args),
+                                 nprocs=world_size, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.terminate()
+            raise TimeoutError(f"{world_size} ranks of {target.__name__} ran past {timeout_s} s")
+
+
+# ------------------------------------------------------------------------- ranks
+def _same_on_all_ranks(model: torch.nn.Module, group: Any = None) -> bool:
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    everyone = [torch.empty_like(flat) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, flat, group=group)
+    return all(torch.equal(flat, other) for other in everyone)
+
+
+def one_block(group: Any = None) -> tuple[torch.Tensor, Shampoo, bool]:
+    """A single parameter of a single block, the same gradients on every rank: over
+    several ranks, all but one own nothing (and take part all the same). Returns the
+    parameter, the optimizer and whether the ranks agreed bitwise after every step."""
+    holder = torch.nn.Linear(4, 5, bias=False)
+    with torch.no_grad():
+        holder.weight.copy_(torch.randn(5, 4, generator=torch.Generator().manual_seed(0)))
+    opt = Shampoo(holder.parameters(), lr=0.05, block_size=8, precondition_frequency=2,
+                  process_group=group)
+    gen = torch.Generator().manual_seed(1)
+    identical = True
+    for _ in range(8):
+        holder.weight.grad = torch.randn(5, 4, generator=gen)
+        opt.step()
+        identical = identical and (group is None or _same_on_all_ranks(holder, group))
+    return holder.weight.detach().clone(), opt, identical
+
+
+def _one_block_ranks(group: Any = None) -> dict[str, Any]:
+    param, opt, identical = one_block(group)
+    return {"param": param, "identical": identical, "owned_blocks": opt.metrics()["owned_blocks"]}
+
+
+def _train_ranks(rank: int, world_size: int, dtype: torch.dtype, grouped: bool,
+                 checkpoint: Path | None = None, resume_from: Path | None = None,
+                 variant: str | None = None) -> dict:
+    """DDP (float32, one group) or manual all-reduce (float64, two groups) on this
+    rank's share of every batch; optionally saves at SAVE_AT or resumes from there.
+    The "async" variant computes its roots on background workers."""
+    model = make_model(dtype)
+    opt = Shampoo(param_groups(model, variant) if grouped else model.parameters(),
+                  **({} if grouped else DDP_OPTIONS), async_roots=variant == "async")
+    forward = model if grouped else torch.nn.parallel.DistributedDataParallel(model)
+    start = 0
+    if resume_from is not None:
+        load_checkpoint(resume_from, opt, model=model)
+        start = SAVE_AT
+    identical = []
+    for step in range(start, STEPS):
+        opt.zero_grad()
+        loss_of(forward, *batch(step, rank, world_size, dtype)).backward()
+        if grouped:
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+                p.grad.div_(world_size)
+        opt.step()
+        identical.append(_same_on_all_ranks(model))
+        if checkpoint is not None and step + 1 == SAVE_AT:
+            in_flight = opt.metrics()["roots_in_flight"]
+            save_checkpoint(checkpoint, opt, model=model)
+    opt.close()
+    return {"params": params_of(model), "identical": identical, "metrics": opt.metrics(),
+            **({"in_flight_at_save": in_flight} if checkpoint is not None else {})}
+
+
+def train_two_ranks(rank: int, world_size: int, out: Path) -> None:
+    """Both runs (the float64 one saves a checkpoint), then the failure scenarios."""
+    results = {"ddp": _train_ranks(rank, world_size, torch.float32, grouped=False),
+               "manual": _train_ranks(rank, world_size, torch.float64, grouped=True,
+                                      checkpoint=out / "checkpoint"),
+               "async": _train_ranks(rank, world_size, torch.float64, grouped=True,
+                                     checkpoint=out / "async_checkpoint", variant="async"),
+               "one_block": _one_block_ranks(dist.group.WORLD),
+               "failures": failures(rank, world_size)}
+    torch.save(results, out / f"two_ranks_{rank}.pt")
+
+
+def train_three_ranks(rank: int, world_size: int, out: Path, checkpoint: Path) -> None:
+    results = {"ddp": _train_ranks(rank, world_size, torch.float32, grouped=False),
+               "manual": _train_ranks(rank, world_size, torch.float64, grouped=True),
+               "resumed": _train_ranks(rank, world_size, torch.float64, grouped=True,
+                                       resume_from=checkpoint),
+               "async_resumed": _train_ranks(rank, world_size, torch.float64, grouped=True,
+                                             resume_from=checkpoint.parent / "async_checkpoint",
+                                             variant="async")}
+    pair = dist.new_group([0, 1])  # an explicit process_group that rank 2 is not in
+    if rank < 2:
+        results["pair"] = _one_block_ranks(pair)
+    else:
+        results["pair"] = _outcome(lambda: Shampoo([torch.nn.Parameter(torch.ones(2))],
+                                                   process_group=pair))
+    torch.save(results, out / f"three_ranks_{rank}.pt")
+
+
+def _outcome(call: Callable[[], Any]) -> tuple[str, str]:
+    try:
+        call()
+    except Exception as error:  # the test checks which error each rank saw
+        return type(error).__name__, str(error)
+    return "ok", ""
+
+
+def failures(rank: int, world_size: int) -> dict[str, Any]:
+    """Errors on one rank, one after the other in one process group: what each rank saw."""
+    import scalable_shampoo.preconditioner as preconditioner
+
+    model = make_model(torch.float64)
+    opt = Shampoo(param_groups(model))
+
+    def backward(step: int, poison: bool = False) -> None:
+        opt.zero_grad()
+        loss_of(model, *batch(step, rank, world_size, torch.float64)).backward()
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+        if poison:  # after the all-reduce: this rank's gradient alone has a NaN
+            next(model.parameters()).grad[0, 0] = float("nan")
+
+    record: dict[str, Any] = {}
+    for step in range(3):
+        backward(step)
+        opt.step()
+    # 1. A bad hyperparameter on rank 1 only: caught at validation, before any state.
+    backward(3)
+    if rank == 1:
+        opt.param_groups[0]["lr"] = -1.0
+    before = params_of(model)
+    record["bad_config"] = _outcome(opt.step)
+    record["bad_config_untouched"] = all(torch.equal(a, b) for a, b in
+                                         zip(before, params_of(model)))
+    opt.param_groups[0]["lr"] = WEIGHT_OPTIONS["lr"]
+    record["after_bad_config"] = _outcome(opt.step)
+    record["identical_after_bad_config"] = _same_on_all_ranks(model)
+    # 2. A NaN in rank 1's gradient only: every rank skips that parameter.
+    first = next(model.parameters()).detach().clone()
+    backward(4, poison=rank == 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        record["nan"] = _outcome(opt.step)
+    record["nan_warned"] = any("NaN/Inf" in str(w.message) for w in caught)
+    record["nan_param_untouched"] = torch.equal(first, next(model.parameters()))
+    record["nan_skips"] = opt.metrics()["nonfinite_grad_skips"]
+    record["identical_after_nan"] = _same_on_all_ranks(model)
+    # 3. An error inside rank 0's root computation (after the agreement, before the
+    # all-gather), at the next root step (start 2, frequency 3: steps 2, 5, 8, ...).
+    for step in (6, 7):
+        backward(step)
+        opt.step()
+    record["root_step"] = opt.metrics()["step"] + 1
+    real = preconditioner.inverse_root
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ArithmeticError("injected root failure")
+
+    if rank == 0:
+        preconditioner.inverse_root = broken
+    backward(8)
+    before = params_of(model)
+    record["root_error"] = _outcome(opt.step)
+    preconditioner.inverse_root = real
+    record["root_error_untouched"] = all(torch.equal(a, b) for a, b in
+                                         zip(before, params_of(model)))
+    record["peer_failure_is_runtime_error"] = issubclass(PeerFailure, RuntimeError)
+    dist.barrier()  # the group still works
+    return record
