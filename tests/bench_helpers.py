@@ -1,0 +1,50 @@
+"""Support for the ``compare`` tests: tiny user workloads (named as
+``tests.bench_helpers:function``) and a fixture that runs a test on one torch thread."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scalable_shampoo.bench.workloads import Workload, seeded_generator
+
+
+def build(seed: int) -> Workload:
+    """Least squares with a random teacher: 2 layers, fresh batch per step."""
+    teacher = torch.randn(6, 3, generator=seeded_generator(99))
+    held_out = torch.randn(64, 6, generator=seeded_generator(98))
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+    def train_batch(step: int) -> torch.Tensor:
+        return torch.randn(32, 6, generator=seeded_generator(seed, step))
+
+    def loss(model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(model(inputs), inputs @ teacher)
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        error = loss(model, held_out).item()
+        return {"loss": error, "rmse": error**0.5}
+
+    return Workload(name="toy", description="least squares", model=model,
+                    train_batch=train_batch, loss=loss, evaluate=evaluate,
+                    steps=12, quick_steps=8, eval_every=4,
+                    lr_centers={"adamw": 1e-2, "shampoo": 1e-2, "sgd": 1e-2, "adagrad": 1e-2})
+
+
+def build_failing(seed: int) -> Workload:
+    raise RuntimeError("no data here")
+
+
+def build_wrong_type(seed: int) -> dict:
+    return {"model": None}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tests train small models: one intra-op thread is as fast, and it keeps them
+    fast on a machine whose cores are busy (spinning worker threads then stall)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
