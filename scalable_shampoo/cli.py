@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 DEFAULT_OPTIMIZERS = ("shampoo", "adamw", "adagrad", "sgd")
-QUICK_WORKLOADS = ("autoencoder",)
+QUICK_WORKLOADS = ("image", "autoencoder")
 QUICK_LR_SWEEP = 2
 FULL_LR_SWEEP = 3
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -133,3 +134,15 @@ def test_user_workload_must_return_a_workload():
     with pytest.raises(WorkloadError, match=r"returned dict, expected .*Workload"):
         build_workload(builder, 0, "tests.bench_helpers:build_wrong_type")
     assert build_workload(resolve_builder("tests.bench_helpers:build"), 0, "toy").name == "toy"
+
+
+def test_user_module_is_found_in_the_current_directory(tmp_path, monkeypatch):
+    (tmp_path / "my_workload_module.py").write_text(
+        "from tests.bench_helpers import build as build_mine\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in sys.path
+                                     if p not in ("", str(tmp_path))])
+    before = list(sys.path)
+    builder = resolve_builder("my_workload_module:build_mine")
+    assert builder(0).name == "toy"
+    assert sys.path == before

@@ -34,12 +34,13 @@ KINDS: dict[str, OptimizerFactory] = {
     "sgd": torch.optim.SGD,
 }
 # Hyperparameters the comparison uses unless a specification overrides them. Shampoo:
-# roots every 10 steps from step 10 on (runs here are a few hundred steps, so the
-# library's default of 100 would leave most of a run unpreconditioned), and 128-blocks so
-# that the roots are cheap batched eigendecompositions. SGD: heavy-ball momentum, as SGD
-# is used in practice. AdamW and Adagrad: torch's defaults.
+# preconditioning from step 10, roots refreshed every 20 steps (runs here are a few
+# hundred steps, so the library's default of 100 would leave most of a run
+# unpreconditioned), 128-blocks so that the roots are cheap batched eigendecompositions.
+# SGD: heavy-ball momentum, as SGD is used in practice. AdamW and Adagrad: torch's defaults.
 COMPARISON_DEFAULTS: dict[str, dict[str, Any]] = {
-    "shampoo": {"block_size": 128, "precondition_frequency": 10},
+    "shampoo": {"block_size": 128, "precondition_frequency": 20,
+                "start_preconditioning_step": 10},
     "adamw": {},
     "adagrad": {},
     "sgd": {"momentum": 0.9},

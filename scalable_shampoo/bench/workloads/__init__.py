@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -100,11 +102,18 @@ def resolve_builder(spec: str) -> Callable[[int], Workload]:
     module_name, _, function_name = spec.partition(":")
     if not module_name or not function_name:
         raise WorkloadError(f"workload {spec!r}: expected module:function")
+    # Like ``python -m``, look in the current directory too (the console script does not).
+    added = os.getcwd() not in sys.path
+    if added:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except Exception as error:  # any import-time failure of user code is reported, not raised
         raise WorkloadError(f"workload {spec!r}: cannot import module {module_name!r}: "
                             f"{type(error).__name__}: {error}") from None
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
     builder = getattr(module, function_name, None)
     if not callable(builder):
         raise WorkloadError(f"workload {spec!r}: module {module_name!r} has no callable "

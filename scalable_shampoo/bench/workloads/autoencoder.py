@@ -92,7 +92,8 @@ def build(seed: int) -> Workload:
         description=f"deep tanh autoencoder {SIDE * SIDE}-{'-'.join(map(str, ENCODER))}-"
                     f"(mirrored) on {SIDE}x{SIDE} rendered curves, batch {BATCH}",
         model=model, train_batch=train_batch, loss=reconstruction_loss, evaluate=evaluate,
-        steps=500, quick_steps=150, eval_every=25,
+        steps=500, quick_steps=300, eval_every=25,
+        lr_centers={"shampoo": 3e-3, "adamw": 3e-3, "adagrad": 1e-2, "sgd": 1e-1},
         info={"train_images": TRAIN_IMAGES, "held_out_images": HELD_OUT_IMAGES,
               "side": SIDE, "encoder": list(ENCODER), "batch": BATCH,
               "data_seed": DATA_SEED,

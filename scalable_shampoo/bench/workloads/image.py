@@ -82,7 +82,8 @@ def build(seed: int) -> Workload:
         description=f"CNN (3 conv, 2 dense) on sklearn's 8x8 digits, batch {BATCH}, "
                     f"+-{SHIFT} px translations",
         model=model, train_batch=train_batch, loss=cross_entropy, evaluate=evaluate,
-        steps=500, quick_steps=150, eval_every=25,
+        steps=500, quick_steps=200, eval_every=25,
+        lr_centers={"shampoo": 3e-3, "adamw": 3e-3, "adagrad": 1e-2, "sgd": 1e-1},
         info={"train_images": len(train_labels), "held_out_images": len(held_labels),
               "batch": BATCH, "data_seed": DATA_SEED,
               "parameters": sum(p.numel() for p in model.parameters())})

@@ -143,7 +143,7 @@ def build(seed: int) -> Workload:
         description=f"causal Transformer ({DEPTH} blocks, width {WIDTH}, context {CONTEXT}) "
                     f"on the bytes of torch's source, batch {BATCH}x{CONTEXT} tokens",
         model=model, train_batch=train_batch, loss=next_byte_loss, evaluate=evaluate,
-        steps=600, quick_steps=150, eval_every=25,
+        steps=500, quick_steps=150, eval_every=25,
         info={**info, "train_bytes": len(train), "held_out_bytes": len(held_out),
               "eval_tokens": EVAL_WINDOWS * CONTEXT, "batch": BATCH, "context": CONTEXT,
               "parameters": sum(p.numel() for p in model.parameters())})
