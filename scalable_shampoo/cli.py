@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # the bench extra is imported only by the compare command
+    from .bench.compare import CompareSettings
 
 DEFAULT_OPTIMIZERS = ("shampoo", "adamw", "adagrad", "sgd")
 QUICK_WORKLOADS = ("image", "autoencoder")
@@ -110,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _compare_settings(args: argparse.Namespace) -> "CompareSettings":
     from .bench.optimizers import parse_spec, validate
-    from .bench.runner import CompareSettings
+    from .bench.compare import CompareSettings
 
     workloads = (args.workloads.split(",") if args.workloads is not None
                  else [] if args.workload else list(QUICK_WORKLOADS if args.quick else
@@ -139,7 +143,7 @@ def _compare_settings(args: argparse.Namespace) -> "CompareSettings":
 def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace,
              argv: list[str] | None) -> int:
     from .bench import report
-    from .bench.runner import run_comparison
+    from .bench.compare import run_comparison
 
     try:
         settings = _compare_settings(args)

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from scalable_shampoo.bench import report
+from scalable_shampoo.bench.compare import CompareSettings, run_comparison
 from scalable_shampoo.bench.optimizers import parse_spec
-from scalable_shampoo.bench.runner import CompareSettings, run_comparison
 from tests.bench_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 
@@ -60,7 +60,10 @@ def test_write_all_writes_json_markdown_and_png(results, tmp_path):
     paths = report.write_all(results, tmp_path)
     assert sorted(p.name for p in paths) == sorted(
         ["results.json", "results.md", *report.PLOTS])
-    stored = json.loads((tmp_path / "results.json").read_text())
+    def reject(constant):
+        raise AssertionError(f"results.json is not strict JSON: {constant}")
+
+    stored = json.loads((tmp_path / "results.json").read_text(), parse_constant=reject)
     assert stored["header"]["format"] == report.RESULTS_FORMAT
     assert stored["header"]["versions"]["torch"]
     assert stored["workloads"][0]["optimizers"][0]["label"] == "adamw"

@@ -138,7 +138,7 @@ def format_text(results: dict[str, Any]) -> str:
 def format_markdown(results: dict[str, Any]) -> str:
     """``results.md``: settings, one table per workload, the plots."""
     head = results["header"]
-    lines = [f"# scalable-shampoo compare", "",
+    lines = ["# scalable-shampoo compare", "",
              f"`{head['command']}`", "",
              f"torch {head['versions']['torch']}, scalable-shampoo "
              f"{head['versions']['scalable_shampoo']}, {head['machine']['cpu']} "

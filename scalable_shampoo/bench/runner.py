@@ -1,4 +1,4 @@
-"""Training runs of the comparison: one run, the learning-rate sweep, targets, resume.
+"""One training run of the comparison, its measurements and its storage.
 
 A *run* trains one workload with one optimizer at one learning rate and seed, and
 records its curves (held-out metrics every ``eval_every`` steps against steps and
@@ -137,7 +137,7 @@ def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _finite(value: float) -> bool:
+def finite(value: float) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
@@ -146,7 +146,8 @@ def train_run(workload: Workload, spec: OptimizerSpec, key: RunKey,
               logger: Any = None) -> dict[str, Any]:
     """Trains ``workload.model`` for ``key.steps`` steps and returns the run record.
 
-    A non-finite training or held-out loss stops the run with status ``"diverged"``.
+    A non-finite training or held-out loss stops the run with status ``"diverged"``. The
+    record is JSON-ready: non-finite numbers in it are None.
 
     Args:
         progress: called as ``progress(steps_done, last_train_loss)`` after every step.
@@ -179,7 +180,7 @@ def train_run(workload: Workload, spec: OptimizerSpec, key: RunKey,
             if hasattr(optimizer, "metrics"):
                 for name, value in optimizer.metrics().items():
                     logger.add_scalar(f"optimizer/{name}", value, step)
-        return _finite(metrics["loss"])
+        return finite(metrics["loss"])
 
     memory = PeakMemory()
     record(0)
@@ -201,7 +202,7 @@ def train_run(workload: Workload, spec: OptimizerSpec, key: RunKey,
             logger.add_scalar("train/loss", loss_value, step + 1)
         if progress is not None:
             progress(step + 1, loss_value)
-        if not _finite(loss_value):
+        if not finite(loss_value):
             status, diverged_at = "diverged", step + 1
             break
         if (step + 1) % workload.eval_every == 0 or step + 1 == key.steps:
@@ -212,16 +213,15 @@ def train_run(workload: Workload, spec: OptimizerSpec, key: RunKey,
             memory.open_interval()
     memory.close_interval()
 
-    losses = [v if _finite(v) else math.inf for v in held_out_curve["loss"]]
-    best = min(range(len(losses)), key=losses.__getitem__)
+    losses = [v if finite(v) else math.inf for v in held_out_curve["loss"]]
+    best = min(range(len(losses)), key=losses.__getitem__)  # the first best
     optimizer_seconds = sum(step_ms) / 1e3
-    return {
+    return json_safe({
         "format": RUN_FORMAT, "key": key.as_dict(), "status": status,
         "diverged_at_step": diverged_at,
         "final": {"train_loss": curve["train_loss"][-1],
                   **{name: values[-1] for name, values in held_out_curve.items()}},
-        "best_held_out_loss": losses[best] if status == "ok" or math.isfinite(losses[best])
-        else None,
+        "best_held_out_loss": losses[best] if math.isfinite(losses[best]) else None,
         "best_step": curve["step"][best],
         "train_seconds": train_seconds, "eval_seconds": eval_seconds,
         "step_ms_median": statistics.median(step_ms) if step_ms else None,
@@ -231,19 +231,31 @@ def train_run(workload: Workload, spec: OptimizerSpec, key: RunKey,
         "peak_memory_bytes": memory.bytes,
         "optimizer_metrics": optimizer.metrics() if hasattr(optimizer, "metrics") else None,
         "curve": {**curve, "held_out": held_out_curve},
-    }
+    })
 
 
 # ------------------------------------------------------------------- storage, resume
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
-    """Writes JSON to ``path`` via a temporary file in the same directory and
-    ``os.replace``, so a reader sees the old file or the new one, never a partial one."""
+    """Writes strict JSON (non-finite numbers as null) to ``path`` via a temporary file
+    in the same directory and ``os.replace``, so that a reader sees the old file or the
+    new one, never a partial one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.",
                                          suffix=".tmp", delete=False)
     try:
         with handle:
-            json.dump(payload, handle, indent=1, allow_nan=True)
+            json.dump(json_safe(payload), handle, indent=1, allow_nan=False)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(handle.name, path)
@@ -268,7 +280,7 @@ def load_finished(path: Path, key: RunKey) -> dict[str, Any] | None:
 def selection_loss(run: dict[str, Any]) -> float:
     """What the sweep minimises: the best held-out loss; diverged runs rank last."""
     value = run["best_held_out_loss"]
-    return value if run["status"] == "ok" and _finite(value) else math.inf
+    return value if run["status"] == "ok" and finite(value) else math.inf
 
 
 def time_to_target(run: dict[str, Any], target: float) -> tuple[int | None, float | None]:
@@ -276,292 +288,6 @@ def time_to_target(run: dict[str, Any], target: float) -> tuple[int | None, floa
     <= ``target``, or ``(None, None)`` if the run never got there."""
     curve = run["curve"]
     for step, seconds, loss in zip(curve["step"], curve["seconds"], curve["held_out"]["loss"]):
-        if _finite(loss) and loss <= target:
+        if finite(loss) and loss <= target:
             return step, seconds
     return None, None
-
-
-# ------------------------------------------------------------------------ comparison
-class CompareError(ValueError):
-    """Settings of a comparison that cannot run (reported without a traceback)."""
-
-
-@dataclass(frozen=True)
-class CompareSettings:
-    """What ``scalable-shampoo compare`` runs.
-
-    Attributes:
-        workloads: built-in names or ``module:function`` specifications, in order.
-        optimizers: the optimizers, labels unique.
-        out: output directory (created; must be writable).
-        steps: training steps of every run; None: each workload's own (``steps``, or
-            ``quick_steps`` under ``quick``).
-        quick: the short version (see ``quick_steps``).
-        lr: one learning rate for every optimizer (no sweep), or None.
-        lr_sweep: grid points per optimizer when ``lr`` is None, >= 1.
-        seeds: seeds; the sweep runs on the first, the others repeat the chosen lr.
-        threads: torch intra-op threads during the comparison (restored after), or None.
-        resume: reuse finished runs stored in ``out`` with the same settings.
-        tensorboard: directory for TensorBoard logs, or None.
-        baseline: label of the optimizer that sets the targets; None: ``adamw`` when
-            present, else the first optimizer.
-        progress: show a progress bar per run.
-    """
-
-    workloads: tuple[str, ...]
-    optimizers: tuple[OptimizerSpec, ...]
-    out: Path
-    steps: int | None = None
-    quick: bool = False
-    lr: float | None = None
-    lr_sweep: int = 3
-    seeds: tuple[int, ...] = (0,)
-    threads: int | None = None
-    resume: bool = False
-    tensorboard: Path | None = None
-    baseline: str | None = None
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if not self.workloads:
-            raise CompareError("no workloads given")
-        if len(set(self.workloads)) != len(self.workloads):
-            raise CompareError(f"a workload is given twice: {', '.join(self.workloads)}")
-        if not self.optimizers:
-            raise CompareError("no optimizers given")
-        labels = [spec.label for spec in self.optimizers]
-        if len(set(labels)) != len(labels):
-            raise CompareError(f"an optimizer is given twice: {', '.join(labels)}")
-        if self.baseline is not None and self.baseline not in labels:
-            raise CompareError(f"baseline {self.baseline!r} is not among the optimizers "
-                               f"({', '.join(labels)})")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise CompareError(f"seeds must be distinct and at least one, got {self.seeds}")
-        for name in ("steps", "threads"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise CompareError(f"{name} must be >= 1, got {value}")
-        if self.lr_sweep < 1:
-            raise CompareError(f"lr_sweep must be >= 1, got {self.lr_sweep}")
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise CompareError(f"lr must be a positive number, got {self.lr}")
-
-    @property
-    def baseline_label(self) -> str:
-        labels = [spec.label for spec in self.optimizers]
-        if self.baseline is not None:
-            return self.baseline
-        return "adamw" if "adamw" in labels else labels[0]
-
-
-def check_writable(directory: Path) -> None:
-    """Creates ``directory`` and checks that a file can be written in it."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as error:
-        raise CompareError(f"output directory {str(directory)!r} is not writable: "
-                           f"{error.strerror or error}") from None
-
-
-def _progress_bar(enabled: bool, total: int, description: str) -> Any:
-    if not enabled:
-        return None
-    from tqdm import tqdm  # the bench extra
-
-    return tqdm(total=total, desc=description, leave=True, dynamic_ncols=True,
-                mininterval=0.5)
-
-
-def _tensorboard_writer(directory: Path | None, key: RunKey, slug: str) -> Any:
-    if directory is None:
-        return None
-    from torch.utils.tensorboard import SummaryWriter  # the tensorboard extra
-
-    return SummaryWriter(str(key.path(directory, slug).with_suffix("")))
-
-
-class _Session:
-    """Runs (or, with resume, reloads) runs and counts them for the progress bars."""
-
-    def __init__(self, settings: CompareSettings, total: int) -> None:
-        self.settings = settings
-        self.total = total
-        self.done = 0
-        self.reused = 0
-
-    def run(self, workload_spec: str, builder: Callable[[int], Workload],
-            spec: OptimizerSpec, lr: float, seed: int, steps: int) -> dict[str, Any]:
-        self.done += 1
-        key = RunKey(workload_spec, spec.label, tuple(spec.describe().items()), lr, seed, steps,
-                     torch.get_num_threads())
-        path = key.path(self.settings.out, spec.slug)
-        if self.settings.resume:
-            stored = load_finished(path, key)
-            if stored is not None:
-                self.reused += 1
-                return stored
-        workload = builder(seed)
-        description = (f"[{self.done}/{self.total}] {workload.name} {spec.label} "
-                       f"lr={lr:.3g} seed={seed}")
-        bar = _progress_bar(self.settings.progress, steps, description)
-        logger = _tensorboard_writer(self.settings.tensorboard, key, spec.slug)
-
-        def progress(done: int, loss: float) -> None:
-            bar.update(1)
-            if done % 10 == 0 or done == steps:
-                bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
-
-        try:
-            run = train_run(workload, spec, key, progress if bar is not None else None, logger)
-        finally:
-            if bar is not None:
-                bar.close()
-            if logger is not None:
-                logger.close()
-        write_json_atomic(path, run)
-        return run
-
-
-def _seed_summary(run: dict[str, Any], target: float | None,
-                  baseline: tuple[int | None, float | None]) -> dict[str, Any]:
-    steps, seconds = time_to_target(run, target) if target is not None else (None, None)
-    ratio = lambda mine, theirs: (mine / theirs if mine is not None and theirs else None)
-    return {
-        "seed": run["key"]["seed"], "status": run["status"],
-        "diverged_at_step": run["diverged_at_step"], "final": run["final"],
-        "best_held_out_loss": run["best_held_out_loss"], "best_step": run["best_step"],
-        "target": target, "steps_to_target": steps, "seconds_to_target": seconds,
-        "steps_ratio": ratio(steps, baseline[0]), "seconds_ratio": ratio(seconds, baseline[1]),
-        **{name: run[name] for name in ("train_seconds", "step_ms_median", "step_ms_mean",
-                                        "optimizer_share", "state_bytes", "peak_memory_bytes")},
-    }
-
-
-def _mean(values: list[Any]) -> float | None:
-    present = [v for v in values if _finite(v)]
-    return statistics.fmean(present) if len(present) == len(values) and present else None
-
-
-def _aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
-    """Means over seeds; a target-related mean only when every seed reached the target."""
-    keys = ("best_held_out_loss", "steps_to_target", "seconds_to_target", "steps_ratio",
-            "seconds_ratio", "train_seconds", "step_ms_median", "step_ms_mean",
-            "optimizer_share", "state_bytes", "peak_memory_bytes")
-    final_keys = per_seed[0]["final"].keys()
-    return {
-        "seeds": len(per_seed),
-        "diverged": sum(s["status"] == "diverged" for s in per_seed),
-        "reached_target": sum(s["steps_to_target"] is not None for s in per_seed),
-        "final": {k: _mean([s["final"].get(k) for s in per_seed]) for k in final_keys},
-        **{k: _mean([s[k] for s in per_seed]) for k in keys},
-    }
-
-
-def _plan(settings: CompareSettings, workloads: list[tuple[str, Workload]]) -> int:
-    """Number of runs the comparison will make."""
-    count = 0
-    for _ in workloads:
-        for spec in settings.optimizers:
-            sweep = 1 if spec.fixed_lr is not None or settings.lr is not None else settings.lr_sweep
-            count += sweep + len(settings.seeds) - 1
-    return count
-
-
-def _lr_candidates(settings: CompareSettings, spec: OptimizerSpec, workload: Workload) -> list[float]:
-    from .optimizers import LR_CENTERS, lr_grid
-
-    if spec.fixed_lr is not None:
-        return [spec.fixed_lr]
-    if settings.lr is not None:
-        return [settings.lr]
-    return lr_grid(workload.lr_centers.get(spec.kind, LR_CENTERS[spec.kind]), settings.lr_sweep)
-
-
-def resolve_workloads(settings: CompareSettings) -> list[tuple[str, Callable[[int], Workload], Workload]]:
-    """Every workload's builder and its build for the first seed; fails before training
-    on an unknown or broken workload."""
-    from .workloads import WorkloadError, build_workload, resolve_builder
-
-    resolved, names = [], set()
-    for spec in settings.workloads:
-        builder = resolve_builder(spec)
-        bound = lambda seed, builder=builder, spec=spec: build_workload(builder, seed, spec)
-        try:
-            first = bound(settings.seeds[0])
-        except WorkloadError:
-            raise
-        except Exception as error:  # user code: report it as bad input
-            raise WorkloadError(f"workload {spec!r}: building it failed: "
-                                f"{type(error).__name__}: {error}") from None
-        if first.name in names:
-            raise WorkloadError(f"two workloads are named {first.name!r}")
-        names.add(first.name)
-        resolved.append((spec, bound, first))
-    return resolved
-
-
-def run_comparison(settings: CompareSettings) -> dict[str, Any]:
-    """Runs the comparison and returns its results (the content of ``results.json``
-    except the header that :mod:`.report` adds). Restores torch's thread count."""
-    check_writable(settings.out)
-    if settings.tensorboard is not None:
-        check_writable(settings.tensorboard)
-    previous_threads = torch.get_num_threads()
-    if settings.threads is not None:
-        torch.set_num_threads(settings.threads)
-    try:
-        resolved = resolve_workloads(settings)
-        session = _Session(settings, _plan(settings, [(s, w) for s, _, w in resolved]))
-        results = [_compare_workload(settings, session, spec, builder, first)
-                   for spec, builder, first in resolved]
-        return {"workloads": results, "runs_reused": session.reused,
-                "runs_total": session.total, "threads": torch.get_num_threads()}
-    finally:
-        torch.set_num_threads(previous_threads)
-
-
-def _compare_workload(settings: CompareSettings, session: _Session, workload_spec: str,
-                      builder: Callable[[int], Workload], first: Workload) -> dict[str, Any]:
-    steps = settings.steps or (first.quick_steps if settings.quick else first.steps)
-    first_seed, other_seeds = settings.seeds[0], settings.seeds[1:]
-    chosen: dict[str, tuple[float, list[dict[str, Any]], list[dict[str, Any]]]] = {}
-    all_runs: list[dict[str, Any]] = []
-    for spec in settings.optimizers:
-        grid = _lr_candidates(settings, spec, first)
-        sweep = [session.run(workload_spec, builder, spec, lr, first_seed, steps) for lr in grid]
-        best = min(range(len(sweep)), key=lambda i: (selection_loss(sweep[i]), i))
-        lr = grid[best]
-        runs = [sweep[best]] + [session.run(workload_spec, builder, spec, lr, seed, steps)
-                                for seed in other_seeds]
-        chosen[spec.label] = (lr, sweep, runs)
-        all_runs += sweep + runs[1:]
-
-    baseline_runs = chosen[settings.baseline_label][2]
-    targets = {run["key"]["seed"]: (selection_loss(run) if math.isfinite(selection_loss(run))
-                                    else None) for run in baseline_runs}
-    baseline_times = {run["key"]["seed"]: time_to_target(run, targets[run["key"]["seed"]])
-                      if targets[run["key"]["seed"]] is not None else (None, None)
-                      for run in baseline_runs}
-    optimizers = []
-    for spec in settings.optimizers:
-        lr, sweep, runs = chosen[spec.label]
-        grid = [run["key"]["lr"] for run in sweep]
-        per_seed = [_seed_summary(run, targets[run["key"]["seed"]],
-                                  baseline_times[run["key"]["seed"]]) for run in runs]
-        optimizers.append({
-            "label": spec.label, "kind": spec.kind, "hyperparameters": spec.describe(),
-            "lr_grid": grid, "chosen_lr": lr,
-            "lr_at_grid_edge": len(grid) > 1 and lr in (grid[0], grid[-1]),
-            "sweep": [{"lr": run["key"]["lr"], "status": run["status"],
-                       "best_held_out_loss": run["best_held_out_loss"]} for run in sweep],
-            "per_seed": per_seed, "summary": _aggregate(per_seed),
-        })
-    return {
-        "name": first.name, "spec": workload_spec, "description": first.description,
-        "info": first.info, "steps": steps, "eval_every": first.eval_every,
-        "baseline": settings.baseline_label,
-        "targets": {str(seed): target for seed, target in targets.items()},
-        "optimizers": optimizers, "runs": all_runs,
-    }
