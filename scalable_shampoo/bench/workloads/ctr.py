@@ -140,6 +140,7 @@ def build(seed: int) -> Workload:
                     f"streamed synthetic Zipf click logs, batch {BATCH}",
         model=model, train_batch=train_batch, loss=log_loss, evaluate=evaluate,
         steps=500, quick_steps=150, eval_every=25,
+        lr_centers={"shampoo": 1e-2, "adamw": 1e-2, "adagrad": 3e-2, "sgd": 3e-1},
         info={"vocabularies": list(VOCABULARIES), "embedding_dim": EMBEDDING_DIM,
               "dense_features": DENSE, "zipf_exponent": ZIPF_EXPONENT, "batch": BATCH,
               "held_out_impressions": HELD_OUT, "data_seed": DATA_SEED,

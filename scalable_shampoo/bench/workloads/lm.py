@@ -144,6 +144,7 @@ def build(seed: int) -> Workload:
                     f"on the bytes of torch's source, batch {BATCH}x{CONTEXT} tokens",
         model=model, train_batch=train_batch, loss=next_byte_loss, evaluate=evaluate,
         steps=500, quick_steps=150, eval_every=25,
+        lr_centers={"shampoo": 3e-3, "adamw": 3e-3, "adagrad": 1e-2, "sgd": 3e-1},
         info={**info, "train_bytes": len(train), "held_out_bytes": len(held_out),
               "eval_tokens": EVAL_WINDOWS * CONTEXT, "batch": BATCH, "context": CONTEXT,
               "parameters": sum(p.numel() for p in model.parameters())})
