@@ -294,7 +294,8 @@ def _compare_workload(settings: CompareSettings, session: _Session, workload_spe
         optimizers.append({
             "label": spec.label, "kind": spec.kind, "hyperparameters": spec.describe(),
             "lr_grid": grid, "chosen_lr": lr,
-            "lr_at_grid_edge": len(grid) > 1 and lr in (grid[0], grid[-1]),
+            # Only a grid of 3 or more says that the best lies inside it.
+            "lr_at_grid_edge": len(grid) >= 3 and lr in (grid[0], grid[-1]),
             "sweep": [{"lr": run["key"]["lr"], "status": run["status"],
                        "best_held_out_loss": run["best_held_out_loss"]} for run in sweep],
             "per_seed": per_seed, "summary": _aggregate(per_seed),

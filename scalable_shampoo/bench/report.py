@@ -10,6 +10,7 @@ import math
 import os
 import platform
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -115,12 +116,14 @@ def _caption(workload: dict[str, Any]) -> str:
             f"held-out eval every {workload['eval_every']}; {target}")
 
 
-FOOTNOTE = ("lr: chosen by best held-out loss (* = at the edge of the grid). train loss: mean "
-            "over the last eval interval; held-out metrics at the last step. Target columns: "
-            "first evaluation at or below the target, in steps and training seconds (evals "
-            "excluded), and the ratio to the baseline's. step ms: optimizer.step(). opt share: "
-            "optimizer.step() / training time. state MB: optimizer-state tensors. peak MB: "
-            "peak resident-memory increase during training. Means over seeds.")
+FOOTNOTE = (
+    "lr: chosen by the best held-out loss (* = at the edge of a grid of 3 or more). "
+    "train loss: mean over the last eval interval; held-out metrics at the last step. "
+    "Target columns: first evaluation at or below the target, in steps and in training "
+    "seconds (evaluations excluded), and the ratio to the baseline's. step ms: "
+    "optimizer.step(). opt share: optimizer.step() / training time. state MB: "
+    "optimizer-state tensors. peak MB: peak resident-memory increase during training. "
+    "Means over seeds.")
 
 
 def format_text(results: dict[str, Any]) -> str:
@@ -132,7 +135,7 @@ def format_text(results: dict[str, Any]) -> str:
         line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                                        for i, (c, w) in enumerate(zip(cells, widths)))
         blocks.append("\n".join([_caption(workload), line(headers), *map(line, rows)]))
-    return "\n\n".join(blocks + [FOOTNOTE])
+    return "\n\n".join(blocks + [textwrap.fill(FOOTNOTE, width=100)])
 
 
 def format_markdown(results: dict[str, Any]) -> str:
@@ -158,9 +161,11 @@ def format_markdown(results: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------- plots
 def plot(results: dict[str, Any], x: str, path: Path) -> None:
     """Held-out loss against ``x`` (``"step"`` or ``"seconds"``), one panel per workload,
-    every optimizer's runs at its chosen lr overlaid (one line per seed), the target dashed."""
+    every optimizer's runs at its chosen lr overlaid (one line per seed), the target dashed;
+    a log scale when every loss is positive."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     workloads = results["workloads"]
     figure = Figure(figsize=(4.2 * len(workloads), 3.6), layout="constrained")
@@ -187,8 +192,15 @@ def plot(results: dict[str, Any], x: str, path: Path) -> None:
             ax.axhline(sum(targets) / len(targets), color="grey", linestyle="--",
                        linewidth=0.8, label=f"target ({workload['baseline']}'s best)")
         if lows:
-            low, high = min(lows), max(starts) if starts else max(lows)
-            if high > low:
+            low, high = min(lows), max(starts)
+            if low > 0:  # losses span decades near the end: log scale
+                ax.set_yscale("log")
+                ax.set_ylim(low / 1.15, high * 1.15)
+                plain = FuncFormatter(lambda value, _: f"{value:g}")
+                ax.yaxis.set_major_formatter(plain)
+                # Label the minor ticks only when less than a decade has no major tick.
+                ax.yaxis.set_minor_formatter(plain if high / low < 10 else NullFormatter())
+            elif high > low:
                 ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
         ax.set_title(workload["name"])
         ax.set_xlabel("step" if x == "step" else "training seconds")
