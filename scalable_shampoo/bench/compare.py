@@ -17,10 +17,10 @@ from typing import Any, Callable
 
 import torch
 
-from .optimizers import OptimizerSpec
+from .optimizers import LR_CENTERS, OptimizerSpec, lr_grid
 from .runner import (RunKey, finite, load_finished, selection_loss, time_to_target,
                      train_run, write_json_atomic)
-from .workloads import Workload
+from .workloads import Workload, WorkloadError, build_workload, resolve_builder
 
 
 class CompareError(ValueError):
@@ -200,19 +200,16 @@ def _aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _plan(settings: CompareSettings, workloads: list[tuple[str, Workload]]) -> int:
+def _planned_runs(settings: CompareSettings) -> int:
     """Number of runs the comparison will make."""
-    count = 0
-    for _ in workloads:
-        for spec in settings.optimizers:
-            sweep = 1 if spec.fixed_lr is not None or settings.lr is not None else settings.lr_sweep
-            count += sweep + len(settings.seeds) - 1
-    return count
+    per_workload = sum((1 if spec.fixed_lr is not None or settings.lr is not None
+                        else settings.lr_sweep) + len(settings.seeds) - 1
+                       for spec in settings.optimizers)
+    return len(settings.workloads) * per_workload
 
 
-def _lr_candidates(settings: CompareSettings, spec: OptimizerSpec, workload: Workload) -> list[float]:
-    from .optimizers import LR_CENTERS, lr_grid
-
+def _lr_candidates(settings: CompareSettings, spec: OptimizerSpec,
+                   workload: Workload) -> list[float]:
     if spec.fixed_lr is not None:
         return [spec.fixed_lr]
     if settings.lr is not None:
@@ -220,11 +217,10 @@ def _lr_candidates(settings: CompareSettings, spec: OptimizerSpec, workload: Wor
     return lr_grid(workload.lr_centers.get(spec.kind, LR_CENTERS[spec.kind]), settings.lr_sweep)
 
 
-def resolve_workloads(settings: CompareSettings) -> list[tuple[str, Callable[[int], Workload], Workload]]:
-    """Every workload's builder and its build for the first seed; fails before training
-    on an unknown or broken workload."""
-    from .workloads import WorkloadError, build_workload, resolve_builder
-
+def resolve_workloads(settings: CompareSettings,
+                      ) -> list[tuple[str, Callable[[int], Workload], Workload]]:
+    """Every workload's specification, builder and build for the first seed; fails
+    before training on an unknown or broken workload."""
     resolved, names = [], set()
     for spec in settings.workloads:
         builder = resolve_builder(spec)
@@ -254,7 +250,7 @@ def run_comparison(settings: CompareSettings) -> dict[str, Any]:
         torch.set_num_threads(settings.threads)
     try:
         resolved = resolve_workloads(settings)
-        session = _Session(settings, _plan(settings, [(s, w) for s, _, w in resolved]))
+        session = _Session(settings, _planned_runs(settings))
         results = [_compare_workload(settings, session, spec, builder, first)
                    for spec, builder, first in resolved]
         return {"workloads": results, "runs_reused": session.reused,
@@ -279,12 +275,13 @@ def _compare_workload(settings: CompareSettings, session: _Session, workload_spe
         chosen[spec.label] = (lr, sweep, runs)
         all_runs += sweep + runs[1:]
 
-    baseline_runs = chosen[settings.baseline_label][2]
-    targets = {run["key"]["seed"]: (selection_loss(run) if math.isfinite(selection_loss(run))
-                                    else None) for run in baseline_runs}
-    baseline_times = {run["key"]["seed"]: time_to_target(run, targets[run["key"]["seed"]])
-                      if targets[run["key"]["seed"]] is not None else (None, None)
-                      for run in baseline_runs}
+    # Per seed: the baseline's best held-out loss, and when the baseline reached it.
+    targets: dict[int, float | None] = {}
+    baseline_times: dict[int, tuple[int | None, float | None]] = {}
+    for run in chosen[settings.baseline_label][2]:
+        seed, best = run["key"]["seed"], selection_loss(run)
+        targets[seed] = best if math.isfinite(best) else None
+        baseline_times[seed] = time_to_target(run, best) if math.isfinite(best) else (None, None)
     optimizers = []
     for spec in settings.optimizers:
         lr, sweep, runs = chosen[spec.label]

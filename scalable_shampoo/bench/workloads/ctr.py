@@ -58,7 +58,8 @@ class Teacher:
         vectors = torch.stack([f[ids[:, j]] for j, f in enumerate(self.factors)], dim=1)
         for j, bias in enumerate(self.biases):
             logit = logit + bias[ids[:, j]]
-        pair_sum = vectors.sum(1).pow(2).sum(1) - vectors.pow(2).sum((1, 2))  # 2 sum_{j<k} <v_j, v_k>
+        # 2 sum_{j<k} <v_j, v_k> = |sum_j v_j|^2 - sum_j |v_j|^2
+        pair_sum = vectors.sum(1).pow(2).sum(1) - vectors.pow(2).sum((1, 2))
         logit = logit + 0.25 * pair_sum
         clicks = torch.bernoulli(torch.sigmoid(logit), generator=gen)
         return dense, ids, clicks
