@@ -143,30 +143,21 @@ def _compare_settings(args: argparse.Namespace) -> "CompareSettings":
 def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace,
              argv: list[str] | None) -> int:
     from .bench import report
-    from .bench.compare import run_comparison
+    from .bench.compare import prepare, run_comparison
 
     try:
         settings = _compare_settings(args)
-        results = run_comparison(settings)
+        prepared = prepare(settings)
     except ValueError as error:  # bad input: argparse's message and exit status 2
         parser.error(str(error))
-    results = {"header": report.header(_settings_record(settings), argv), **results}
+    results = run_comparison(settings, prepared)
+    results = {"header": report.header(settings.as_dict(), argv), **results}
     paths = report.write_all(results, settings.out)
     print(report.format_text(results))
     print(f"\nwrote {', '.join(str(p) for p in paths)}"
           + (f" ({results['runs_reused']} of {results['runs_total']} runs reused)"
              if settings.resume else ""))
     return 0
-
-
-def _settings_record(settings: "CompareSettings") -> dict:
-    return {"workloads": list(settings.workloads),
-            "optimizers": [spec.label for spec in settings.optimizers],
-            "steps": settings.steps, "quick": settings.quick, "lr": settings.lr,
-            "lr_sweep": settings.lr_sweep, "seeds": list(settings.seeds),
-            "threads": settings.threads, "out": str(settings.out), "resume": settings.resume,
-            "tensorboard": None if settings.tensorboard is None else str(settings.tensorboard),
-            "baseline": settings.baseline_label}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -30,6 +32,18 @@ def build(seed: int) -> Workload:
                     train_batch=train_batch, loss=loss, evaluate=evaluate,
                     steps=12, quick_steps=8, eval_every=4,
                     lr_centers={"adamw": 1e-2, "shampoo": 1e-2, "sgd": 1e-2, "adagrad": 1e-2})
+
+
+def build_failing_in_training(seed: int) -> Workload:
+    """Builds, then fails at step 1: a bug in the user's code, not bad input."""
+    workload = build(seed)
+
+    def train_batch(step: int) -> torch.Tensor:
+        if step == 1:
+            raise ValueError("broken batch")
+        return workload.train_batch(step)
+
+    return dataclasses.replace(workload, train_batch=train_batch)
 
 
 def build_failing(seed: int) -> Workload:

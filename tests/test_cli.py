@@ -92,6 +92,13 @@ def test_compare_bad_input_exits_2_with_a_message(arguments, message, capsys, tm
                capsys, message)
 
 
+def test_errors_while_training_are_not_reported_as_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="broken batch"):
+        main(["compare", "--workload", "tests.bench_helpers:build_failing_in_training",
+              "--optimizers", "adamw", "--lr", "0.01", "--out", str(tmp_path),
+              "--no-progress"])
+
+
 def test_compare_rejects_an_unwritable_output_directory(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

@@ -87,6 +87,16 @@ class CompareSettings:
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise CompareError(f"lr must be a positive number, got {self.lr}")
 
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as JSON values, for ``results.json``."""
+        return {"workloads": list(self.workloads),
+                "optimizers": [spec.label for spec in self.optimizers],
+                "steps": self.steps, "quick": self.quick, "lr": self.lr,
+                "lr_sweep": self.lr_sweep, "seeds": list(self.seeds),
+                "threads": self.threads, "out": str(self.out), "resume": self.resume,
+                "tensorboard": None if self.tensorboard is None else str(self.tensorboard),
+                "baseline": self.baseline_label}
+
     @property
     def baseline_label(self) -> str:
         labels = [spec.label for spec in self.optimizers]
@@ -217,10 +227,20 @@ def _lr_candidates(settings: CompareSettings, spec: OptimizerSpec,
     return lr_grid(workload.lr_centers.get(spec.kind, LR_CENTERS[spec.kind]), settings.lr_sweep)
 
 
-def resolve_workloads(settings: CompareSettings,
-                      ) -> list[tuple[str, Callable[[int], Workload], Workload]]:
-    """Every workload's specification, builder and build for the first seed; fails
-    before training on an unknown or broken workload."""
+ResolvedWorkload = tuple[str, Callable[[int], Workload], Workload]
+
+
+def prepare(settings: CompareSettings) -> list[ResolvedWorkload]:
+    """Checks what can be checked before training: the output directories are writable,
+    and every workload resolves and builds for the first seed. Returns, per workload, its
+    specification, its builder and that first build.
+
+    Raises:
+        CompareError, WorkloadError: bad input (both are ``ValueError``).
+    """
+    check_writable(settings.out)
+    if settings.tensorboard is not None:
+        check_writable(settings.tensorboard)
     resolved, names = [], set()
     for spec in settings.workloads:
         builder = resolve_builder(spec)
@@ -239,20 +259,20 @@ def resolve_workloads(settings: CompareSettings,
     return resolved
 
 
-def run_comparison(settings: CompareSettings) -> dict[str, Any]:
+def run_comparison(settings: CompareSettings,
+                   prepared: list[ResolvedWorkload] | None = None) -> dict[str, Any]:
     """Runs the comparison and returns its results (the content of ``results.json``
-    except the header that :mod:`.report` adds). Restores torch's thread count."""
-    check_writable(settings.out)
-    if settings.tensorboard is not None:
-        check_writable(settings.tensorboard)
+    except the header that :mod:`.report` adds). ``prepared``: the result of
+    :func:`prepare`, which is called when it is None. Restores torch's thread count."""
+    if prepared is None:
+        prepared = prepare(settings)
     previous_threads = torch.get_num_threads()
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     try:
-        resolved = resolve_workloads(settings)
         session = _Session(settings, _planned_runs(settings))
         results = [_compare_workload(settings, session, spec, builder, first)
-                   for spec, builder, first in resolved]
+                   for spec, builder, first in prepared]
         return {"workloads": results, "runs_reused": session.reused,
                 "runs_total": session.total, "threads": torch.get_num_threads()}
     finally:
