@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -11,8 +12,9 @@ import torch
 
 from scalable_shampoo.bench.optimizers import parse_spec
 from scalable_shampoo.bench.runner import (
-    PeakMemory, RunKey, load_finished, selection_loss, time_to_target, train_run,
-    write_json_atomic)
+    PeakMemory, RunKey, check_evaluation, load_finished, selection_loss, time_to_target,
+    train_run, write_json_atomic)
+from scalable_shampoo.bench.workloads import WorkloadError
 from tests.bench_helpers import build, one_thread  # noqa: F401  (autouse fixture)
 
 TOY = "tests.bench_helpers:build"
@@ -96,3 +98,16 @@ def test_load_finished_needs_the_same_key(tmp_path):
     assert load_finished(path, RunKey(TOY, "adamw", (), 1e-3, 0, 11, 1)) is None
     path.write_text('{"format": "scalable_shampoo.comp')  # a torn file is not a finished run
     assert load_finished(path, key) is None
+
+
+@pytest.mark.parametrize("result, message", [
+    ({"rmse": 1.0}, r"must return a dict with a 'loss' key"),
+    ([1.0], r"must return a dict with a 'loss' key"),
+    ({"loss": "low"}, r"returned loss='low'; metrics must be numbers"),
+    ({"loss": 1.0, "ok": True}, r"returned ok=True"),
+])
+def test_check_evaluation_rejects_malformed_metrics(result, message):
+    workload = dataclasses.replace(build(0), evaluate=lambda model: result)
+    with pytest.raises(WorkloadError, match=message):
+        check_evaluation(workload)
+    check_evaluation(build(0))

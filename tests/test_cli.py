@@ -73,6 +73,8 @@ def _bad_input(argv, capsys, pattern):
     (["--workload", "tests.bench_helpers:build_failing"],
      "building it failed: RuntimeError: no data here"),
     (["--workload", "tests.bench_helpers:build_wrong_type"], "returned dict"),
+    (["--workload", "tests.bench_helpers:build_without_loss"],
+     "evaluate() must return a dict with a 'loss' key"),
     (["--optimizers", "lion"], "unknown optimizer 'lion'"),
     (["--optimizers", "shampoo:blocksize=4"], "unknown argument(s) blocksize"),
     (["--optimizers", "shampoo:block_size"], "malformed override 'block_size'"),

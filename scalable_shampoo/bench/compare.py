@@ -18,8 +18,8 @@ from typing import Any, Callable
 import torch
 
 from .optimizers import LR_CENTERS, OptimizerSpec, lr_grid
-from .runner import (RunKey, finite, load_finished, selection_loss, time_to_target,
-                     train_run, write_json_atomic)
+from .runner import (RunKey, check_evaluation, finite, load_finished, selection_loss,
+                     time_to_target, train_run, write_json_atomic)
 from .workloads import Workload, WorkloadError, build_workload, resolve_builder
 
 
@@ -252,6 +252,7 @@ def prepare(settings: CompareSettings) -> list[ResolvedWorkload]:
         except Exception as error:  # user code: report it as bad input
             raise WorkloadError(f"workload {spec!r}: building it failed: "
                                 f"{type(error).__name__}: {error}") from None
+        check_evaluation(first)
         if first.name in names:
             raise WorkloadError(f"two workloads are named {first.name!r}")
         names.add(first.name)

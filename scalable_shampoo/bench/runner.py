@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .optimizers import OptimizerSpec, state_bytes
-from .workloads import Workload
+from .workloads import Workload, WorkloadError
 
 RUN_FORMAT = "scalable_shampoo.compare.run/1"
 
@@ -137,6 +137,32 @@ def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def optimizer_metrics(optimizer: torch.optim.Optimizer) -> dict[str, float] | None:
+    """The numeric entries of ``optimizer.metrics()`` (Shampoo's diagnostics), or None
+    for an optimizer without it."""
+    if not hasattr(optimizer, "metrics"):
+        return None
+    return {name: value for name, value in optimizer.metrics().items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+def check_evaluation(workload: Workload) -> None:
+    """Evaluates the workload once and checks the result's form.
+
+    Raises:
+        WorkloadError: ``evaluate`` returned no ``"loss"`` or a non-number.
+    """
+    with evaluation_mode(workload.model):
+        metrics = workload.evaluate(workload.model)
+    if not isinstance(metrics, dict) or "loss" not in metrics:
+        raise WorkloadError(f"workload {workload.name!r}: evaluate() must return a dict with "
+                            f"a 'loss' key, got {metrics!r}")
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise WorkloadError(f"workload {workload.name!r}: evaluate() returned "
+                                f"{name}={value!r}; metrics must be numbers")
+
+
 def finite(value: float) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
@@ -177,9 +203,8 @@ def train_run(workload: Workload, spec: OptimizerSpec, key: RunKey,
         if logger is not None:
             for name, value in metrics.items():
                 logger.add_scalar(f"held_out/{name}", value, step)
-            if hasattr(optimizer, "metrics"):
-                for name, value in optimizer.metrics().items():
-                    logger.add_scalar(f"optimizer/{name}", value, step)
+            for name, value in (optimizer_metrics(optimizer) or {}).items():
+                logger.add_scalar(f"optimizer/{name}", value, step)
         return finite(metrics["loss"])
 
     memory = PeakMemory()
@@ -229,7 +254,7 @@ def train_run(workload: Workload, spec: OptimizerSpec, key: RunKey,
         "optimizer_share": optimizer_seconds / train_seconds if train_seconds > 0 else None,
         "state_bytes": state_bytes(optimizer),
         "peak_memory_bytes": memory.bytes,
-        "optimizer_metrics": optimizer.metrics() if hasattr(optimizer, "metrics") else None,
+        "optimizer_metrics": optimizer_metrics(optimizer),
         "curve": {**curve, "held_out": held_out_curve},
     })
 
