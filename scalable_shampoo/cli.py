@@ -83,10 +83,12 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
                          help="comma-separated seeds; the sweep uses the first (default 0)")
     compare.add_argument("--threads", type=_positive_int, default=None,
                          help="torch intra-op threads (default: torch's choice)")
-    compare.add_argument("--out", type=Path, default=Path("compare-results"),
+    compare.add_argument("--out", type=Path, default=Path("compare-results"), metavar="DIR",
                          help="output directory (default ./compare-results)")
     compare.add_argument("--quick", action="store_true",
-                         help="short runs of the quick workload(s): a few minutes on 2 cores")
+                         help="fewer steps (each workload's quick_steps), by default on "
+                         f"{' and '.join(QUICK_WORKLOADS)} with {QUICK_LR_SWEEP} learning "
+                         "rates: about two minutes on 2 cores")
     compare.add_argument("--resume", action="store_true",
                          help="reuse the finished runs stored in --out")
     compare.add_argument("--tensorboard", type=Path, default=None, metavar="DIR",
