@@ -1,18 +1,101 @@
-"""The ``scalable-shampoo`` command-line program."""
+"""The ``scalable-shampoo`` command-line program: ``quickstart`` and ``compare``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:  # the bench extra is imported only by the compare command
+    from .bench.compare import CompareSettings
+
+DEFAULT_OPTIMIZERS = ("shampoo", "adamw", "adagrad", "sgd")
+QUICK_WORKLOADS = ("image", "autoencoder")
+QUICK_LR_SWEEP = 2
+FULL_LR_SWEEP = 3
+
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated integers such as 0,1,2, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct, got {text!r}")
+    return seeds
+
+
+def _add_compare(commands: argparse._SubParsersAction) -> None:
+    compare = commands.add_parser(
+        "compare", help="train workloads with several optimizers and compare them",
+        description="Train each workload with each optimizer (learning rate swept per "
+        "optimizer, best held-out loss wins) and report losses, steps and seconds to "
+        "the baseline's best held-out loss, step times and memory.")
+    compare.add_argument("--workloads", default=None, metavar="LIST",
+                         help="comma-separated built-in workloads (lm, ctr, image, "
+                         "autoencoder) or module:function builders (default: all four; "
+                         f"with --quick: {','.join(QUICK_WORKLOADS)})")
+    compare.add_argument("--workload", action="append", default=[], metavar="MODULE:FUNCTION",
+                         help="add a workload of your own: FUNCTION(seed) returns a "
+                         "scalable_shampoo.bench.workloads.Workload (repeatable)")
+    compare.add_argument("--optimizers", nargs="+", default=list(DEFAULT_OPTIMIZERS),
+                         metavar="SPEC", help="optimizers as kind[:key=value,...], kinds "
+                         "shampoo, adamw, adagrad, sgd; e.g. shampoo:grafting=sgd,block_size=256; "
+                         "lr=X fixes that optimizer's learning rate (default: "
+                         f"{' '.join(DEFAULT_OPTIMIZERS)})")
+    compare.add_argument("--baseline", default=None, metavar="SPEC",
+                         help="optimizer whose best held-out loss is the target "
+                         "(default: adamw if given, else the first)")
+    compare.add_argument("--steps", type=_positive_int, default=None,
+                         help="training steps of every run (default: per workload)")
+    rates = compare.add_mutually_exclusive_group()
+    rates.add_argument("--lr", type=_positive_float, default=None,
+                       help="one learning rate for every optimizer, no sweep")
+    rates.add_argument("--lr-sweep", type=_positive_int, default=None, metavar="N",
+                       help="learning rates per optimizer, log grid of half-decade steps "
+                       f"around a per-optimizer centre (default {FULL_LR_SWEEP}; "
+                       f"with --quick {QUICK_LR_SWEEP})")
+    compare.add_argument("--seeds", type=_seeds, default=(0,),
+                         help="comma-separated seeds; the sweep uses the first (default 0)")
+    compare.add_argument("--threads", type=_positive_int, default=None,
+                         help="torch intra-op threads (default: torch's choice)")
+    compare.add_argument("--out", type=Path, default=Path("compare-results"), metavar="DIR",
+                         help="output directory (default ./compare-results)")
+    compare.add_argument("--quick", action="store_true",
+                         help="fewer steps (each workload's quick_steps), by default on "
+                         f"{' and '.join(QUICK_WORKLOADS)} with {QUICK_LR_SWEEP} learning "
+                         "rates: about two minutes on 2 cores")
+    compare.add_argument("--resume", action="store_true",
+                         help="reuse the finished runs stored in --out")
+    compare.add_argument("--tensorboard", type=Path, default=None, metavar="DIR",
+                         help="also write losses and optimizer metrics for TensorBoard "
+                         "(needs the tensorboard extra)")
+    compare.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    compare.set_defaults(subparser=compare)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,17 +110,68 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--threads", type=_positive_int, default=None,
                        help="torch intra-op threads (default: torch's choice)")
     quick.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_compare(commands)
     return parser
 
 
+def _compare_settings(args: argparse.Namespace) -> "CompareSettings":
+    from .bench.optimizers import parse_spec, validate
+    from .bench.compare import CompareSettings
+
+    workloads = (args.workloads.split(",") if args.workloads is not None
+                 else [] if args.workload else list(QUICK_WORKLOADS if args.quick else
+                                                     ("lm", "ctr", "image", "autoencoder")))
+    workloads = [w.strip() for w in workloads if w.strip()] + args.workload
+    optimizers = [parse_spec(text) for text in args.optimizers]
+    for spec in optimizers:
+        validate(spec)
+    baseline = None
+    if args.baseline is not None:
+        baseline = parse_spec(args.baseline).label
+    if args.tensorboard is not None:
+        try:
+            import torch.utils.tensorboard  # noqa: F401  (needs the tensorboard package)
+        except ImportError:
+            raise ValueError("--tensorboard needs the tensorboard package: "
+                             "pip install 'scalable-shampoo[tensorboard]'") from None
+    return CompareSettings(
+        workloads=tuple(workloads), optimizers=tuple(optimizers), out=args.out,
+        steps=args.steps, quick=args.quick, lr=args.lr,
+        lr_sweep=args.lr_sweep or (QUICK_LR_SWEEP if args.quick else FULL_LR_SWEEP),
+        seeds=args.seeds, threads=args.threads, resume=args.resume,
+        tensorboard=args.tensorboard, baseline=baseline, progress=not args.no_progress)
+
+
+def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace,
+             argv: list[str] | None) -> int:
+    from .bench import report
+    from .bench.compare import prepare, run_comparison
+
+    try:
+        settings = _compare_settings(args)
+        prepared = prepare(settings)
+    except ValueError as error:  # bad input: argparse's message and exit status 2
+        parser.error(str(error))
+    results = run_comparison(settings, prepared)
+    results = {"header": report.header(settings.as_dict(), argv), **results}
+    paths = report.write_all(results, settings.out)
+    print(report.format_text(results))
+    print(f"\nwrote {', '.join(str(p) for p in paths)}"
+          + (f" ({results['runs_reused']} of {results['runs_total']} runs reused)"
+             if settings.resume else ""))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "compare":
+        return _compare(args.subparser, args, argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.command == "quickstart":
-        from .quickstart import format_table, run
-        results = run(steps=args.steps, seed=args.seed, progress=not args.no_progress)
-        print(format_table(results, args.steps))
+    from .quickstart import format_table, run
+    results = run(steps=args.steps, seed=args.seed, progress=not args.no_progress)
+    print(format_table(results, args.steps))
     return 0
 
 

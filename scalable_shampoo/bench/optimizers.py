@@ -1,0 +1,241 @@
+"""Optimizer specifications of the comparison: ``kind[:key=value,...]``.
+
+``kind`` is one of :data:`KINDS`. Every ``key=value`` is passed to the optimizer's
+constructor as a keyword argument, so any argument of :class:`scalable_shampoo.Shampoo`
+(or of the torch optimizer) can be set without changes here, e.g.
+``shampoo:grafting=sgd,block_size=256`` or ``adamw:betas=(0.9,0.95),weight_decay=0``.
+The one exception is ``lr=...``, which fixes that optimizer's learning rate instead of
+sweeping it. Values are read as Python literals (int, float, tuple, quoted string),
+``true``/``false``, ``none``, dtype names (``float64`` or ``torch.float64``), and
+otherwise as plain strings. Each specification is validated by constructing its optimizer
+once on a dummy parameter before anything trains.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import inspect
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+
+from ..optimizer import Shampoo
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+KINDS: dict[str, OptimizerFactory] = {
+    "shampoo": Shampoo,
+    "adamw": torch.optim.AdamW,
+    "adagrad": torch.optim.Adagrad,
+    "sgd": torch.optim.SGD,
+}
+# Hyperparameters the comparison uses unless a specification overrides them. Shampoo:
+# preconditioning from step 10, roots refreshed every 20 steps (runs here are a few
+# hundred steps, so the library's default of 100 would leave most of a run
+# unpreconditioned), 128-blocks so that the roots are cheap batched eigendecompositions.
+# SGD: heavy-ball momentum, as SGD is used in practice. AdamW and Adagrad: torch's defaults.
+COMPARISON_DEFAULTS: dict[str, dict[str, Any]] = {
+    "shampoo": {"block_size": 128, "precondition_frequency": 20,
+                "start_preconditioning_step": 10},
+    "adamw": {},
+    "adagrad": {},
+    "sgd": {"momentum": 0.9},
+}
+# Centre of the learning-rate grid per kind when the workload names none: Shampoo grafts
+# Adam's step size by default, so it shares AdamW's centre.
+LR_CENTERS: dict[str, float] = {"shampoo": 1e-3, "adamw": 1e-3, "adagrad": 1e-2, "sgd": 3e-2}
+_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+class OptimizerSpecError(ValueError):
+    """A malformed or invalid optimizer specification."""
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One optimizer of the comparison.
+
+    Attributes:
+        label: the specification as written (whitespace removed); names the optimizer in
+            tables, plots and files.
+        kind: a key of :data:`KINDS`.
+        overrides: the ``key=value`` pairs other than ``lr``, as parsed, in order.
+        fixed_lr: the learning rate given by ``lr=...``, or None to sweep it.
+    """
+
+    label: str
+    kind: str
+    overrides: tuple[tuple[str, Any], ...] = ()
+    fixed_lr: float | None = None
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """The constructor's keyword arguments except ``lr``: the comparison's defaults
+        for the kind, updated by the overrides."""
+        return {**COMPARISON_DEFAULTS[self.kind], **dict(self.overrides)}
+
+    @property
+    def slug(self) -> str:
+        """The label made safe for a file name, with a hash suffix when characters were
+        replaced (so distinct labels never share files)."""
+        safe = re.sub(r"[^A-Za-z0-9_.=-]+", "_", self.label)
+        if safe == self.label:
+            return safe
+        return f"{safe}-{hashlib.sha256(self.label.encode()).hexdigest()[:8]}"
+
+    def build(self, params: Iterable[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+        return KINDS[self.kind](params, lr=lr, **self.kwargs)
+
+    def describe(self) -> dict[str, str]:
+        """The constructor's keyword arguments as strings, for reports and run keys."""
+        return {key: _format_value(value) for key, value in self.kwargs.items()}
+
+
+def _format_value(value: Any) -> str:
+    return str(value) if isinstance(value, torch.dtype) else repr(value)
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Splits at commas outside brackets and quotes."""
+    parts, depth, quote, current = [], 0, "", []
+    for char in text:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+            if depth < 0:
+                raise OptimizerSpecError(f"unbalanced {char!r}")
+        elif char == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    if depth or quote:
+        raise OptimizerSpecError("unbalanced brackets or quotes")
+    parts.append("".join(current))
+    return parts
+
+
+def parse_value(text: str) -> Any:
+    """A ``key=value`` value: literal, bool, None, dtype name or plain string."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    name = text[len("torch."):] if text.startswith("torch.") else text
+    if name in _DTYPE_NAMES:
+        return getattr(torch, name)
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        if text.startswith("torch."):
+            raise OptimizerSpecError(f"unknown dtype {text!r}; accepted: "
+                                     f"{', '.join('torch.' + n for n in _DTYPE_NAMES)}") from None
+        return text
+
+
+def parse_spec(text: str) -> OptimizerSpec:
+    """Parses ``kind[:key=value,...]`` (see the module docstring).
+
+    Raises:
+        OptimizerSpecError: unknown kind, a pair without ``=`` or key, a repeated key,
+            unbalanced brackets, or an ``lr`` that is not a positive number.
+    """
+    label = re.sub(r"\s+", "", text)
+    kind, colon, options = label.partition(":")
+    if kind not in KINDS:
+        raise OptimizerSpecError(f"unknown optimizer {kind!r} in {text!r}; known: "
+                                 f"{', '.join(KINDS)}")
+    if colon and not options:
+        raise OptimizerSpecError(f"optimizer {text!r}: nothing after ':' (expected "
+                                 "key=value pairs separated by commas)")
+    overrides: dict[str, Any] = {}
+    fixed_lr = None
+    try:
+        pairs = _split_top_level(options) if options else []
+    except OptimizerSpecError as error:
+        raise OptimizerSpecError(f"optimizer {text!r}: {error}") from None
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals or not key.isidentifier() or not value:
+            raise OptimizerSpecError(f"optimizer {text!r}: malformed override {pair!r} "
+                                     "(expected key=value)")
+        if key in overrides or (key == "lr" and fixed_lr is not None):
+            raise OptimizerSpecError(f"optimizer {text!r}: {key!r} given twice")
+        try:
+            parsed = parse_value(value)
+        except OptimizerSpecError as error:
+            raise OptimizerSpecError(f"optimizer {text!r}: {key}: {error}") from None
+        if key == "lr":
+            if (isinstance(parsed, bool) or not isinstance(parsed, (int, float))
+                    or not math.isfinite(parsed) or parsed <= 0):
+                raise OptimizerSpecError(f"optimizer {text!r}: lr must be a positive number, "
+                                         f"got {value!r}")
+            fixed_lr = float(parsed)
+        else:
+            overrides[key] = parsed
+    return OptimizerSpec(label, kind, tuple(overrides.items()), fixed_lr)
+
+
+def validate(spec: OptimizerSpec) -> None:
+    """Constructs the optimizer once on a dummy matrix and vector parameter.
+
+    Raises:
+        OptimizerSpecError: the constructor rejected the arguments; the message names the
+            specification and, for an unknown keyword, the accepted ones.
+    """
+    params = [torch.nn.Parameter(torch.ones(4, 3)), torch.nn.Parameter(torch.ones(3))]
+    try:
+        spec.build(params, spec.fixed_lr or LR_CENTERS[spec.kind])
+    except (TypeError, ValueError) as error:
+        message = f"optimizer {spec.label!r}: {error}"
+        accepted = accepted_arguments(spec.kind)
+        unknown = [key for key, _ in spec.overrides if key not in accepted]
+        if unknown:
+            message = (f"optimizer {spec.label!r}: unknown argument(s) {', '.join(unknown)}; "
+                       f"{spec.kind} accepts {', '.join(sorted(accepted))}")
+        raise OptimizerSpecError(message) from None
+
+
+def accepted_arguments(kind: str) -> set[str]:
+    """Keyword arguments of the kind's constructor other than params and lr."""
+    parameters = inspect.signature(KINDS[kind]).parameters
+    return {name for name, p in parameters.items()
+            if name not in ("self", "params", "lr")
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def lr_grid(center: float, points: int) -> list[float]:
+    """``points`` consecutive values of the half-decade ladder ``{1, 3} x 10^k`` around the
+    ladder value nearest ``center`` (for an even count the extra point is above)."""
+    if points < 1:
+        raise ValueError(f"points must be >= 1, got {points}")
+    if not (math.isfinite(center) and center > 0):
+        raise ValueError(f"center must be a positive number, got {center}")
+    # Ladder index i <-> 10^(i // 2) * (1 if i even else 3); nearest in log space.
+    decade = 2 * math.floor(math.log10(center))
+    index = min(range(decade - 2, decade + 4), key=lambda i: abs(math.log(_ladder(i) / center)))
+    first = index - (points - 1) // 2
+    return [_ladder(i) for i in range(first, first + points)]
+
+
+def _ladder(index: int) -> float:
+    return float(f"{(1 if index % 2 == 0 else 3)}e{index // 2}")
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer's state tensors: Shampoo's own count
+    (``metrics()["state_bytes"]``), else the sum over ``optimizer.state``."""
+    if isinstance(optimizer, Shampoo):
+        return int(optimizer.metrics()["state_bytes"])
+    return sum(value.numel() * value.element_size() for state in optimizer.state.values()
+               for value in state.values() if isinstance(value, torch.Tensor))

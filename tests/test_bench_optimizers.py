@@ -1,0 +1,123 @@
+"""Optimizer specifications: parsing, validation, learning-rate grids, state bytes."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+from scalable_shampoo import Shampoo
+from scalable_shampoo.bench.optimizers import (
+    COMPARISON_DEFAULTS, OptimizerSpecError, lr_grid, parse_spec, parse_value, state_bytes,
+    validate)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("256", 256), ("1e-3", 1e-3), ("-0.5", -0.5), ("true", True), ("False", False),
+    ("none", None), ("None", None), ("(0.9,0.95)", (0.9, 0.95)), ("'x,y'", "x,y"),
+    ("float64", torch.float64), ("torch.float32", torch.float32),
+    ("torch.bfloat16", torch.bfloat16), ("adam", "adam"), ("eigenvalue_corrected",
+                                                           "eigenvalue_corrected"),
+])
+def test_parse_value(text, expected):
+    value = parse_value(text)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_parse_spec_reads_kind_overrides_and_fixed_lr():
+    spec = parse_spec("shampoo: grafting=sgd, block_size=256,betas=(0.9,0.99),lr=3e-3,"
+                      "root_dtype=torch.float32")
+    assert spec.label == "shampoo:grafting=sgd,block_size=256,betas=(0.9,0.99),lr=3e-3," \
+                         "root_dtype=torch.float32"
+    assert spec.kind == "shampoo" and spec.fixed_lr == 3e-3
+    assert spec.kwargs == {**COMPARISON_DEFAULTS["shampoo"], "grafting": "sgd",
+                           "block_size": 256, "betas": (0.9, 0.99),
+                           "root_dtype": torch.float32}
+    assert parse_spec("adamw").kwargs == {} and parse_spec("adamw").fixed_lr is None
+
+
+def test_overrides_reach_the_constructor():
+    spec = parse_spec("shampoo:block_size=64,grafting=sgd,precondition_frequency=7")
+    optimizer = spec.build([torch.nn.Parameter(torch.randn(5, 4))], lr=0.25)
+    group = optimizer.param_groups[0]
+    assert isinstance(optimizer, Shampoo)
+    assert (group["lr"], group["block_size"], group["grafting"],
+            group["precondition_frequency"]) == (0.25, 64, "sgd", 7)
+    sgd = parse_spec("sgd:nesterov=true").build([torch.nn.Parameter(torch.randn(3))], lr=0.1)
+    assert sgd.param_groups[0]["nesterov"] and sgd.param_groups[0]["momentum"] == 0.9
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lion", r"unknown optimizer 'lion'.*known: shampoo, adamw, adagrad, sgd"),
+    ("shampoo:", r"nothing after ':'"),
+    ("shampoo:block_size", r"malformed override 'block_size' \(expected key=value\)"),
+    ("shampoo:=3", r"malformed override '=3'"),
+    ("shampoo:block_size=", r"malformed override 'block_size='"),
+    ("shampoo:block_size=2,block_size=4", r"'block_size' given twice"),
+    ("adamw:betas=(0.9,0.99", r"unbalanced"),
+    ("adamw:betas=0.9,0.99)", r"unbalanced"),
+    ("adamw:lr=-1", r"lr must be a positive number"),
+    ("adamw:lr=abc", r"lr must be a positive number"),
+    ("shampoo:root_dtype=torch.float128", r"unknown dtype 'torch.float128'"),
+])
+def test_parse_spec_errors(text, message):
+    with pytest.raises(OptimizerSpecError, match=message):
+        parse_spec(text)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("shampoo:blocksize=4", r"unknown argument\(s\) blocksize; shampoo accepts .*block_size"),
+    ("adamw:momentum=0.9", r"unknown argument\(s\) momentum; adamw accepts .*betas"),
+    ("shampoo:block_size=0", r"shampoo:block_size=0.*block_size must be an integer >= 1"),
+    ("shampoo:grafting=lamb", r"grafting must be one of"),
+    ("sgd:momentum=-1", r"sgd:momentum=-1.*momentum"),
+])
+def test_validate_reports_constructor_errors(text, message):
+    with pytest.raises(OptimizerSpecError, match=message):
+        validate(parse_spec(text))
+
+
+def test_validate_accepts_any_constructor_argument():
+    for text in ("shampoo:root_method=newton,epsilon=1e-8", "shampoo:foreach=false",
+                 "adagrad:lr_decay=0.01", "adamw:amsgrad=true"):
+        validate(parse_spec(text))
+
+
+def test_slug_is_file_safe_and_distinct():
+    plain, fancy = parse_spec("adamw"), parse_spec("adamw:betas=(0.9,0.95)")
+    assert plain.slug == "adamw"
+    assert re.fullmatch(r"[A-Za-z0-9_.=-]+", fancy.slug)
+    assert fancy.slug != parse_spec("adamw:betas=(0.9,0.96)").slug
+
+
+@pytest.mark.parametrize("center, points, expected", [
+    (1e-3, 1, [1e-3]), (1e-3, 3, [3e-4, 1e-3, 3e-3]), (1e-3, 2, [1e-3, 3e-3]),
+    (3e-2, 4, [1e-2, 3e-2, 1e-1, 3e-1]), (2e-3, 3, [1e-3, 3e-3, 1e-2]),
+    (0.9, 5, [0.1, 0.3, 1.0, 3.0, 10.0]),
+])
+def test_lr_grid(center, points, expected):
+    grid = lr_grid(center, points)
+    assert grid == pytest.approx(expected, rel=1e-12)
+    ratios = [b / a for a, b in zip(grid, grid[1:])]
+    assert all(3.0 - 1e-9 <= r <= 10 / 3 + 1e-9 for r in ratios)
+
+
+@pytest.mark.parametrize("center, points", [(1e-3, 0), (0.0, 3), (math.nan, 3)])
+def test_lr_grid_errors(center, points):
+    with pytest.raises(ValueError):
+        lr_grid(center, points)
+
+
+def test_state_bytes_counts_state_tensors():
+    params = [torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(5))]
+    adamw = torch.optim.AdamW(params, lr=1e-3)
+    assert state_bytes(adamw) == 0
+    sum(p.sum() for p in params).backward()
+    adamw.step()
+    # exp_avg and exp_avg_sq (float32) and the step count (a float32 scalar) per parameter.
+    assert state_bytes(adamw) == sum(2 * 4 * p.numel() + 4 for p in params)
+    shampoo = Shampoo(params, lr=1e-3)
+    shampoo.step()
+    assert state_bytes(shampoo) == shampoo.metrics()["state_bytes"] > 0
