@@ -19,6 +19,7 @@ from scalable_shampoo import Shampoo
 from scalable_shampoo.async_roots import (PendingRoots, RootScheduler, default_root_workers,
                                           pending_from_rows, pending_row, resolve_root_delay)
 from scalable_shampoo.config import ShampooConfig
+from scalable_shampoo.eigenvalue_corrected import EigenvalueCorrectedStack
 from scalable_shampoo.matrix_functions import RootResult
 from scalable_shampoo.preconditioner import BlockStack
 
@@ -74,14 +75,14 @@ def _assert_same(a, b):
         assert torch.equal(x, y)
 
 
-def _slow_roots(monkeypatch, seconds):
-    original = BlockStack.compute_roots
+def _slow_roots(monkeypatch, seconds, stack_type=BlockStack):
+    original = stack_type.compute_roots
 
     def slow(self, inputs, config):
         time.sleep(seconds)
         return original(self, inputs, config)
 
-    monkeypatch.setattr(BlockStack, "compute_roots", slow)
+    monkeypatch.setattr(stack_type, "compute_roots", slow)
 
 
 def _sync_run(delay, steps=STEPS):
@@ -332,7 +333,7 @@ def test_async_eigenbases_equal_sync_with_the_same_delay(monkeypatch, method):
     sync = Shampoo(model.parameters(), **options)
     _train(model, sync, 30)
     expected = _params(model)
-    _slow_roots_ec(monkeypatch, 0.02)
+    _slow_roots(monkeypatch, 0.02, EigenvalueCorrectedStack)
     model = _model()
     opt = Shampoo(model.parameters(), **options, async_roots=True, root_workers=2)
     _train(model, opt, 9)  # root step 9: in flight
@@ -346,13 +347,3 @@ def test_async_eigenbases_equal_sync_with_the_same_delay(monkeypatch, method):
     _assert_same(_params(resumed), expected)
     assert new_opt.metrics()["basis_refreshes"] == sync.metrics()["basis_refreshes"] > 0
 
-
-def _slow_roots_ec(monkeypatch, seconds):
-    from scalable_shampoo.eigenvalue_corrected import EigenvalueCorrectedStack
-    original = EigenvalueCorrectedStack.compute_roots
-
-    def slow(self, inputs, config):
-        time.sleep(seconds)
-        return original(self, inputs, config)
-
-    monkeypatch.setattr(EigenvalueCorrectedStack, "compute_roots", slow)
