@@ -191,8 +191,8 @@ def plot(results: dict[str, Any], x: str, path: Path) -> None:
                 starts += finite[:1]
         targets = [t for t in workload["targets"].values() if t is not None]
         if targets:
-            ax.axhline(sum(targets) / len(targets), color="grey", linestyle="--",
-                       linewidth=0.8, label=f"target ({workload['baseline']}'s best, 3-eval mean)")
+            ax.axhline(sum(targets) / len(targets), color="grey", linestyle="--", linewidth=0.8,
+                       label=f"target ({workload['baseline']}'s best, 3-eval mean)")
         if lows:
             low, high = min(lows), max(starts)
             if low > 0:  # losses span decades near the end: log scale
