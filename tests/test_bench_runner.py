@@ -12,8 +12,8 @@ import torch
 
 from scalable_shampoo.bench.optimizers import parse_spec
 from scalable_shampoo.bench.runner import (
-    PeakMemory, RunKey, check_evaluation, load_finished, selection_loss, time_to_target,
-    train_run, write_json_atomic)
+    RUN_FORMAT, PeakMemory, RunKey, check_evaluation, load_finished, selection_loss, smoothed,
+    time_to_target, train_run, write_json_atomic)
 from scalable_shampoo.bench.workloads import WorkloadError
 from tests.bench_helpers import build, one_thread  # noqa: F401  (autouse fixture)
 
@@ -28,12 +28,20 @@ def _run(losses, seconds=None, status="ok"):
                       "held_out": {"loss": losses}}}
 
 
+def test_smoothed_averages_the_last_three_evaluations_after_the_first():
+    assert smoothed([9.0, 4.0, 2.0, 3.0, 1.0, 5.0]) == pytest.approx(
+        [9.0, 4.0, 3.0, 3.0, 2.0, 3.0])
+    assert smoothed([9.0, 4.0, None, 2.0, 2.0, 2.0, 2.0]) == pytest.approx(
+        [9.0, 4.0, math.inf, math.inf, math.inf, 2.0, 2.0])
+    assert smoothed([]) == [] and smoothed([5.0]) == [5.0]
+
+
 def test_time_to_target_is_the_first_evaluation_at_or_below():
-    run = _run([3.0, 2.0, 1.5, 1.0, 1.2])
+    run = _run([3.0, 2.0, 1.0, 1.5, 0.5])  # smoothed: 3, 2, 1.5, 1.5, 1.0
     assert time_to_target(run, 1.5) == (8, 4.0)
-    assert time_to_target(run, 1.0) == (12, 6.0)
+    assert time_to_target(run, 1.0) == (16, 8.0)
     assert time_to_target(run, 0.5) == (None, None)
-    assert time_to_target(_run([3.0, math.nan, 1.0]), 2.0) == (8, 4.0)
+    assert time_to_target(_run([3.0, math.nan, 1.0, 1.0, 1.0, 1.0]), 1.0) == (16, 8.0)
 
 
 def test_selection_ranks_diverged_runs_last():
@@ -51,7 +59,8 @@ def test_train_run_records_curves_and_timings():
     assert curve["seconds"] == sorted(curve["seconds"]) and curve["seconds"][0] == 0.0
     assert run["final"]["loss"] == curve["held_out"]["loss"][-1]
     assert run["final"]["rmse"] == pytest.approx(run["final"]["loss"] ** 0.5)
-    assert run["best_held_out_loss"] == min(curve["held_out"]["loss"])
+    assert run["best_held_out_loss"] == min(smoothed(curve["held_out"]["loss"]))
+    assert run["best_held_out_loss"] >= min(curve["held_out"]["loss"])
     assert 0 < run["optimizer_share"] < 1
     assert run["step_ms_median"] > 0 and run["train_seconds"] >= curve["seconds"][-1]
     assert run["optimizer_metrics"]["step"] == 10
@@ -63,8 +72,7 @@ def test_diverging_run_is_reported_not_raised():
     key = RunKey(TOY, spec.label, tuple(spec.describe().items()), 1e4, 0, 12, 1)
     run = train_run(build(0), spec, key)
     assert run["status"] == "diverged" and run["diverged_at_step"] < 12
-    finite = [v for v in run["curve"]["held_out"]["loss"] if v is not None]
-    assert run["best_held_out_loss"] == min(finite)
+    assert run["best_held_out_loss"] == min(smoothed(run["curve"]["held_out"]["loss"]))
     assert selection_loss(run) == math.inf
 
 
@@ -93,7 +101,7 @@ def test_write_json_atomic_replaces_whole_files_only(tmp_path):
 def test_load_finished_needs_the_same_key(tmp_path):
     key = RunKey(TOY, "adamw", (), 1e-3, 0, 10, 1)
     path = tmp_path / "run.json"
-    write_json_atomic(path, {"format": "scalable_shampoo.compare.run/1", "key": key.as_dict()})
+    write_json_atomic(path, {"format": RUN_FORMAT, "key": key.as_dict()})
     assert load_finished(path, key) is not None
     assert load_finished(path, RunKey(TOY, "adamw", (), 1e-3, 0, 11, 1)) is None
     path.write_text('{"format": "scalable_shampoo.comp')  # a torn file is not a finished run

@@ -110,7 +110,7 @@ def table(workload: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def _caption(workload: dict[str, Any]) -> str:
     targets = [t for t in workload["targets"].values() if t is not None]
     target = (f"target = {workload['baseline']}'s best held-out loss "
-              f"{_number(sum(targets) / len(targets))}" if targets
+              f"{_number(sum(targets) / len(targets))} (3-evaluation mean)" if targets
               else f"no target ({workload['baseline']} diverged)")
     return (f"{workload['name']}: {workload['description']}; {workload['steps']} steps, "
             f"held-out eval every {workload['eval_every']}; {target}")
@@ -119,8 +119,10 @@ def _caption(workload: dict[str, Any]) -> str:
 FOOTNOTE = (
     "lr: chosen by the best held-out loss (* = at the edge of a grid of 3 or more). "
     "train loss: mean over the last eval interval; held-out metrics at the last step. "
-    "Target columns: first evaluation at or below the target, in steps and in training "
-    "seconds (evaluations excluded), and the ratio to the baseline's. step ms: "
+    "Best losses and targets read the held-out loss as the mean of the last 3 "
+    "evaluations. Target columns: first evaluation where that mean is at or below the "
+    "target, in steps and in training seconds (evaluations excluded), and the ratio to "
+    "the baseline's. step ms: "
     "optimizer.step(). opt share: optimizer.step() / training time. state MB: "
     "optimizer-state tensors. peak MB: peak resident-memory increase during training. "
     "Means over seeds.")
@@ -189,8 +191,8 @@ def plot(results: dict[str, Any], x: str, path: Path) -> None:
                 starts += finite[:1]
         targets = [t for t in workload["targets"].values() if t is not None]
         if targets:
-            ax.axhline(sum(targets) / len(targets), color="grey", linestyle="--",
-                       linewidth=0.8, label=f"target ({workload['baseline']}'s best)")
+            ax.axhline(sum(targets) / len(targets), color="grey", linestyle="--", linewidth=0.8,
+                       label=f"target ({workload['baseline']}'s best, 3-eval mean)")
         if lows:
             low, high = min(lows), max(starts)
             if low > 0:  # losses span decades near the end: log scale

@@ -11,9 +11,11 @@ Definitions used in the reports:
 - *held-out loss*: the workload's ``evaluate`` on its held-out data.
 - *training seconds*: wall-clock time of the training steps (batch, forward, backward,
   optimizer step); held-out evaluations are not counted.
-- *target*: the best held-out loss the baseline (by default AdamW at its chosen learning
-  rate, same seed) reached; *steps / seconds to target*: at the first evaluation whose
-  held-out loss is at or below it (so steps have a resolution of ``eval_every``).
+- *best held-out loss*: the minimum over the run of the held-out loss averaged over the
+  last three evaluations (:func:`smoothed`); it picks learning rates.
+- *target*: the best held-out loss of the baseline (by default AdamW at its chosen
+  learning rate, same seed); *steps / seconds to target*: at the first evaluation where
+  the averaged held-out loss is at or below it (a resolution of ``eval_every`` steps).
 - *optimizer share*: time in ``optimizer.step()`` over the training seconds.
 - *peak memory*: the largest increase of the process's resident memory during the
   training steps over its resident memory when training started. Before training and
@@ -42,7 +44,8 @@ import torch
 from .optimizers import OptimizerSpec, state_bytes
 from .workloads import Workload, WorkloadError
 
-RUN_FORMAT = "scalable_shampoo.compare.run/1"
+RUN_FORMAT = "scalable_shampoo.compare.run/2"
+SMOOTHING = 3  # evaluations averaged when reading the held-out curve (see smoothed)
 
 
 @dataclass(frozen=True)
@@ -238,7 +241,7 @@ def train_run(workload: Workload, spec: OptimizerSpec, key: RunKey,
             memory.open_interval()
     memory.close_interval()
 
-    losses = [v if finite(v) else math.inf for v in held_out_curve["loss"]]
+    losses = smoothed(held_out_curve["loss"])
     best = min(range(len(losses)), key=losses.__getitem__)  # the first best
     optimizer_seconds = sum(step_ms) / 1e3
     return json_safe({
@@ -302,17 +305,31 @@ def load_finished(path: Path, key: RunKey) -> dict[str, Any] | None:
 
 
 # --------------------------------------------------------------- selection, targets
+def smoothed(losses: list[float | None]) -> list[float]:
+    """Held-out losses as the comparison reads them: entry ``i >= 1`` is the mean of the
+    last ``SMOOTHING`` evaluations after the initial one (fewer at the start), entry 0
+    the initial loss; +inf where a loss in the window is missing or non-finite. One
+    evaluation can be low by chance (a few hundred held-out examples, a noisy
+    iterate); a mean over three is much less so, for the baseline's best as for
+    the others' crossing of it."""
+    values = [v if finite(v) else math.inf for v in losses]
+    return values[:1] + [sum(values[max(1, i - SMOOTHING + 1): i + 1]) / min(i, SMOOTHING)
+                         for i in range(1, len(values))]
+
+
 def selection_loss(run: dict[str, Any]) -> float:
-    """What the sweep minimises: the best held-out loss; diverged runs rank last."""
+    """What the sweep minimises: the best (smoothed) held-out loss; diverged runs rank
+    last."""
     value = run["best_held_out_loss"]
     return value if run["status"] == "ok" and finite(value) else math.inf
 
 
 def time_to_target(run: dict[str, Any], target: float) -> tuple[int | None, float | None]:
-    """``(steps, training seconds)`` at the first evaluation with held-out loss
-    <= ``target``, or ``(None, None)`` if the run never got there."""
+    """``(steps, training seconds)`` at the first evaluation whose smoothed held-out loss
+    is <= ``target``, or ``(None, None)`` if the run never got there."""
     curve = run["curve"]
-    for step, seconds, loss in zip(curve["step"], curve["seconds"], curve["held_out"]["loss"]):
-        if finite(loss) and loss <= target:
+    for step, seconds, loss in zip(curve["step"], curve["seconds"],
+                                   smoothed(curve["held_out"]["loss"])):
+        if loss <= target:
             return step, seconds
     return None, None
