@@ -74,13 +74,17 @@ class BlockLayout:
         return tuple(i for i, p in enumerate(self.preconditioned) if p)
 
 
-def block_layout(shape: Sequence[int], block_size: int,
-                 max_preconditioned_dim: int) -> BlockLayout:
-    """The :class:`BlockLayout` of a parameter of ``shape``."""
+def block_layout(shape: Sequence[int], block_size: int, max_preconditioned_dim: int,
+                 precondition_1d: bool = True) -> BlockLayout:
+    """The :class:`BlockLayout` of a parameter of ``shape``. Without ``precondition_1d``,
+    a parameter with at most one dimension of size > 1 (a vector, once squeezed) gets
+    no factor at all."""
     if block_size < 1 or max_preconditioned_dim < 1:
         raise ValueError("block_size and max_preconditioned_dim must be >= 1")
     merged = merged_shape(shape, block_size)
-    preconditioned = tuple(size <= max_preconditioned_dim for size in merged)
+    vector = sum(size > 1 for size in shape) <= 1
+    preconditioned = tuple(size <= max_preconditioned_dim and (precondition_1d or not vector)
+                           for size in merged)
     chunk_sizes = tuple(_chunks(size, block_size) if pre else (size,)
                         for size, pre in zip(merged, preconditioned))
     return BlockLayout(tuple(shape), merged, chunk_sizes, preconditioned)

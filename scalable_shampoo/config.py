@@ -21,11 +21,13 @@ PRECONDITIONERS = ("shampoo", "eigenvalue_corrected")
 EIGENBASIS_METHODS = ("eigh", "qr")
 # The grafting method each preconditioner uses when ``grafting`` is left as None.
 DEFAULT_GRAFTING = {"shampoo": "adam", "eigenvalue_corrected": "none"}
+# Whether vectors get a factor when ``precondition_1d`` is left as None.
+DEFAULT_PRECONDITION_1D = {"shampoo": True, "eigenvalue_corrected": False}
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
 # Fields whose change after the first step would change the state's layout.
 STRUCTURAL_FIELDS = ("block_size", "max_preconditioned_dim", "factor_dtype", "grafting",
-                     "preconditioner")
+                     "preconditioner", "precondition_1d")
 
 
 def _check_real(name: str, value: Any, low: float, high: float, *, low_open: bool = False,
@@ -127,6 +129,13 @@ class ShampooConfig:
             ||S||_F`` (relative, unitless); 0 refreshes always. Default 0.
         factor_beta: None or in (0, 1]: the EMA of the Kronecker factors (1: running
             sum). None uses ``betas[1]``. SOAP typically uses 0.95. Default None.
+        precondition_1d: whether a parameter with at most one dimension of size > 1 (a
+            bias, a norm's scale; squeezed, before merging) gets a factor: full-matrix
+            preconditioning of the vector. False leaves it to the grafting method alone
+            (shampoo) or to Adam (eigenvalue_corrected). None (the default) means True
+            for "shampoo" (the paper's treatment) and False for "eigenvalue_corrected"
+            (SOAP's; measured in issue 6's note, a preconditioned bias slowed
+            eigenvalue-corrected training markedly). Resolved like ``grafting``.
         adam_epsilon: > 0, eigenvalue_corrected only: added to ``sqrt(v_hat)`` in the
             denominator of the rotated Adam step, in gradient units (at least the work
             dtype's smallest normal number). Default 1e-8.
@@ -168,6 +177,7 @@ class ShampooConfig:
     basis_refresh_tolerance: float = 0.0
     factor_beta: float | None = None
     adam_epsilon: float = 1e-8
+    precondition_1d: bool | None = None
 
     def __post_init__(self) -> None:
         _check_real("lr", self.lr, 0.0, math.inf)
@@ -189,6 +199,10 @@ class ShampooConfig:
         if self.grafting is None:
             object.__setattr__(self, "grafting", DEFAULT_GRAFTING[self.preconditioner])
         _check_choice("grafting", self.grafting, GRAFTING_METHODS)
+        if self.precondition_1d is None:
+            object.__setattr__(self, "precondition_1d",
+                               DEFAULT_PRECONDITION_1D[self.preconditioner])
+        _check_bool("precondition_1d", self.precondition_1d)
         _check_real("grafting_beta2", self.grafting_beta2, 0.0, 1.0, low_open=True,
                     high_open=True)
         _check_real("grafting_epsilon", self.grafting_epsilon, 0.0, math.inf, low_open=True)

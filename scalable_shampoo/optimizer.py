@@ -98,8 +98,8 @@ def _build_plan(params: list[torch.Tensor], config: ShampooConfig, batched: bool
                 previous: _GroupPlan | None = None) -> _GroupPlan:
     """With ``data_parallel``, the blocks are assigned to ranks (balancing the loads
     on from the ``previous`` group's) and the stacks get this rank's blocks only."""
-    layouts = [block_layout(p.shape, config.block_size, config.max_preconditioned_dim)
-               for p in params]
+    layouts = [block_layout(p.shape, config.block_size, config.max_preconditioned_dim,
+                            config.precondition_1d) for p in params]
     exchange = None if data_parallel is None else Exchange.plan(
         params, layouts, data_parallel, previous.exchange if previous else None)
     stacks, pieces = [], []
@@ -204,7 +204,8 @@ class Shampoo(torch.optim.Optimizer):
                  newton_tolerance: float = 1e-6, root_failure_threshold: float = 0.1,
                  preconditioner: str = "shampoo", eigenbasis_method: str = "eigh",
                  basis_refresh_tolerance: float = 0.0, factor_beta: float | None = None,
-                 adam_epsilon: float = 1e-8, root_delay: int | None = None, *,
+                 adam_epsilon: float = 1e-8, root_delay: int | None = None,
+                 precondition_1d: bool | None = None, *,
                  foreach: bool = True, async_roots: bool = False,
                  root_workers: int | None = None, distributed: bool = True,
                  process_group: Any = None) -> None:
@@ -222,9 +223,11 @@ class Shampoo(torch.optim.Optimizer):
             root_failure_threshold=root_failure_threshold, preconditioner=preconditioner,
             root_delay=root_delay,
             eigenbasis_method=eigenbasis_method, basis_refresh_tolerance=basis_refresh_tolerance,
-            factor_beta=factor_beta, adam_epsilon=adam_epsilon,
+            factor_beta=factor_beta, adam_epsilon=adam_epsilon, precondition_1d=precondition_1d,
         ).as_dict()
-        defaults["grafting"] = grafting  # None stays: each group resolves by its preconditioner
+        # None stays: each group resolves these by its own preconditioner.
+        defaults["grafting"] = grafting
+        defaults["precondition_1d"] = precondition_1d
         if not isinstance(foreach, bool):
             raise ValueError(f"foreach must be True or False, got {foreach!r}")
         self.foreach = foreach

@@ -65,7 +65,7 @@ class ReferenceShampoo:
                  start_preconditioning_step=None, statistics_frequency=1, grafting="adam",
                  grafting_beta2=0.999, grafting_epsilon=1e-8, exponent_multiplier=1.0,
                  nesterov=False, bias_correction=True, decoupled_weight_decay=True,
-                 root_delay=None, **_):
+                 root_delay=None, precondition_1d=True, **_):
         self.params = params
         self.h = dict(lr=lr, beta1=betas[0], beta2=betas[1], eps=epsilon, wd=weight_decay,
                       pf=precondition_frequency,
@@ -77,14 +77,16 @@ class ReferenceShampoo:
         self.state = []
         for p, merged in zip(params, merged_shapes):
             assert math.prod(merged) == p.numel()
+            vector = sum(size > 1 for size in p.shape) <= 1
             ranges = []
             for size in merged:
-                if size > max_preconditioned_dim:
+                if size > max_preconditioned_dim or (vector and not precondition_1d):
                     ranges.append([(0, size)])
                 else:
                     ranges.append([(s, min(s + block_size, size))
                                    for s in range(0, size, block_size)])
-            dims = tuple(i for i, size in enumerate(merged) if size <= max_preconditioned_dim)
+            dims = tuple(i for i, size in enumerate(merged)
+                         if size <= max_preconditioned_dim and (precondition_1d or not vector))
             blocks = []
             for combo in itertools.product(*ranges):
                 shape = tuple(b - a for a, b in combo)
@@ -177,13 +179,17 @@ def reference_eigenbasis(factor: torch.Tensor) -> torch.Tensor:
 class ReferenceEigenvalueCorrected(ReferenceShampoo):
     """SPEC 2.6 literally, on the blocks and factors of :class:`ReferenceShampoo`: the
     first moment in parameter space, rotated every step; eigenbases by ``eigh`` or one
-    power step and QR; Adam in the rotated space; explicit Kronecker products. On a change
-    of basis ``C = U_old^T U_new`` the rotated second moment becomes
-    ``v_new[j] = sum_k C[k, j]^2 v[k]`` per dimension (the library's documented choice)."""
+    power step and QR; Adam in the rotated space; explicit Kronecker products. On a
+    refresh the rotated second moment follows eigenvalue rank per dimension,
+    ``v_new[j] = v[order[j]]`` with ``order`` the old columns by decreasing
+    ``diag(U_old^T S U_old)``; on the first basis (from the identity, ``C = U_new``) it
+    becomes ``v_new[j] = sum_k C[k, j]^2 v[k]`` (the library's documented choices)."""
 
     def __init__(self, params, merged_shapes, grafting=None, eigenbasis_method="eigh",
-                 basis_refresh_tolerance=0.0, factor_beta=None, adam_epsilon=1e-8, **options):
-        super().__init__(params, merged_shapes, grafting=grafting or "none", **options)
+                 basis_refresh_tolerance=0.0, factor_beta=None, adam_epsilon=1e-8,
+                 precondition_1d=None, **options):
+        super().__init__(params, merged_shapes, grafting=grafting or "none",
+                         precondition_1d=bool(precondition_1d), **options)
         beta2 = options.get("betas", (0.9, 0.999))[1]
         self.h.update(method=eigenbasis_method, tol=basis_refresh_tolerance,
                       fbeta=beta2 if factor_beta is None else factor_beta, aeps=adam_epsilon)
@@ -194,13 +200,14 @@ class ReferenceEigenvalueCorrected(ReferenceShampoo):
 
     def _refresh(self, key: tuple[int, int], block: BlockRef, vb: torch.Tensor) -> None:
         h = self.h
-        weights = []  # per dimension, C o C (identity where the basis stays)
+        weights = []  # per dimension, how v carries over (identity where the basis stays)
         for d in range(len(block.shape)):
             weights.append(torch.eye(block.shape[d], dtype=torch.float64))
             if d not in block.dims:
                 continue
             s, u = block.factors[d], block.roots[d]
-            if (*key, d) not in self.has_basis:
+            first = (*key, d) not in self.has_basis
+            if first:
                 new = reference_eigenbasis(s)
             else:
                 p = u.T @ s @ u
@@ -208,14 +215,15 @@ class ReferenceEigenvalueCorrected(ReferenceShampoo):
                 if h["tol"] > 0 and drift <= h["tol"]:
                     self.skips += 1
                     continue
-                if h["method"] == "eigh":
-                    new = reference_eigenbasis(s)
-                else:
-                    order = torch.argsort(torch.diag(p), descending=True)
-                    new = torch.linalg.qr(s @ u[:, order]).Q
+                order = torch.argsort(torch.diag(p), descending=True)
+                new = (reference_eigenbasis(s) if h["method"] == "eigh"
+                       else torch.linalg.qr(s @ u[:, order]).Q)
             self.refreshes += 1
             c = u.T @ new
-            weights[d] = c * c
+            # First basis: the diagonal of the old estimate in the new basis. Later: new
+            # column j inherits v of the old column ranked j-th on the current factor.
+            weights[d] = (c * c if first
+                          else torch.eye(len(order), dtype=torch.float64)[order].T.contiguous())
             block.roots[d] = new.contiguous()  # torch.kron rejects QR's column-major Q
             self.has_basis.add((*key, d))
         vb.copy_((kron_all([w.T for w in weights]) @ vb.reshape(-1)).reshape(vb.shape))

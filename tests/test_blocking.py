@@ -226,6 +226,25 @@ def test_embedding_with_large_max_dim_is_split():
         assert torch.equal(block, tensor[1024 * i:min(1024 * (i + 1), 5000)])
 
 
+@pytest.mark.parametrize("shape, vector", [
+    ((300,), True), ((1, 300, 1), True), ((), True), ((1,), True),
+    ((2, 150), False), ((16, 1, 4), False), ((3, 3, 3), False)])
+@pytest.mark.parametrize("block_size", [64, 1024])
+def test_without_precondition_1d_vectors_get_no_factor_and_stay_whole(shape, vector, block_size):
+    """Only parameters with at most one dimension of size > 1 lose their factors (so a
+    matrix merged into a vector keeps its one); their blocking is then that of an
+    unpreconditioned dimension: one whole block."""
+    with_1d = block_layout(shape, block_size, 8192)
+    without = block_layout(shape, block_size, 8192, precondition_1d=False)
+    assert without.merged_shape == with_1d.merged_shape
+    if vector:
+        assert not any(without.preconditioned) and without.num_blocks == 1
+    else:
+        assert without == with_1d
+    tensor = random_tensor(shape, seed=13, dtype=torch.float64)
+    assert torch.equal(merge_blocks(split_blocks(tensor, without), without), tensor)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.int64])
 def test_round_trip_preserves_dtype(dtype):
     tensor = random_tensor((6, 9, 5), seed=5).to(dtype)

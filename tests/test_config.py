@@ -232,6 +232,10 @@ ERROR_INPUTS = [
          "root_delay-above-frequency"),
     _row(dict(preconditioner="soap", grafting=None), ValueError,
          r"preconditioner must be one of", "preconditioner-unknown-default-grafting"),
+    # precondition_1d: None or a bool
+    _row(dict(precondition_1d=1), ValueError, r"precondition_1d " + BOOL, "precondition_1d-int"),
+    _row(dict(precondition_1d="no"), ValueError, r"precondition_1d " + BOOL,
+         "precondition_1d-str"),
     # eigenbasis_method: "eigh" or "qr"
     _row(dict(eigenbasis_method="newton"), ValueError,
          r"eigenbasis_method must be one of .*'eigh', 'qr'", "eigenbasis_method-unknown"),
@@ -444,6 +448,8 @@ VALID_EDGES = [
     dict(factor_beta=1e-300, preconditioner="eigenvalue_corrected"),
     dict(adam_epsilon=1e-300, preconditioner="eigenvalue_corrected"),
     dict(adam_epsilon=1),
+    dict(precondition_1d=False),
+    dict(precondition_1d=True, preconditioner="eigenvalue_corrected"),
 ]
 
 
@@ -529,10 +535,12 @@ def test_defaults_of_the_eigenvalue_corrected_variant():
     assert (config.eigenbasis_method, config.basis_refresh_tolerance, config.factor_beta,
             config.adam_epsilon) == ("eigh", 0.0, None, 1e-8)
     assert config.factor_ema == config.betas[1] == 0.999
+    assert config.precondition_1d is False and ShampooConfig().precondition_1d is True
     assert ShampooConfig(betas=(0.9, 0.95), factor_beta=0.5).factor_ema == 0.5
 
 
-# Field defaults before resolution: ``grafting`` is None (resolved per preconditioner).
+# Field defaults before resolution: ``grafting`` and ``precondition_1d`` are None
+# (resolved per preconditioner).
 FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ShampooConfig)}
 
 
@@ -656,6 +664,7 @@ STRUCTURAL_CHANGES = [
     ("factor_dtype", torch.float64),
     ("grafting", "sgd"),
     ("preconditioner", "eigenvalue_corrected"),
+    ("precondition_1d", False),
 ]
 
 
@@ -745,3 +754,19 @@ def test_sparse_embedding_gradient_raises_at_step():
     with pytest.raises(RuntimeError, match=r"sparse"):
         opt.step()
     _assert_unchanged(embedding.parameters(), before)
+
+
+@pytest.mark.parametrize("group, expected", [("shampoo", True), ("eigenvalue_corrected", False)])
+def test_default_precondition_1d_follows_each_groups_preconditioner(group, expected):
+    vector, matrix = torch.randn(6), torch.randn(4, 3)
+    opt = Shampoo([{"params": [vector, matrix], "preconditioner": group}], block_size=8)
+    assert opt.param_groups[0]["precondition_1d"] is None
+    assert ShampooConfig.from_group(opt.param_groups[0]).precondition_1d is expected
+    for p in (vector, matrix):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    # The vector's block has a factor only when vectors are preconditioned; the matrix
+    # keeps both of its factors either way.
+    blocks = {index: state["blocks"] for index, state in opt.state_dict()["state"].items()}
+    assert [tuple(f.shape) for f in blocks[0][0]["factors"]] == ([(6, 6)] if expected else [])
+    assert [tuple(f.shape) for f in blocks[1][0]["factors"]] == [(4, 4), (3, 3)]

@@ -19,18 +19,19 @@ import scalable_shampoo.eigenvalue_corrected as ec
 from scalable_shampoo import Shampoo, ShampooConfig
 from scalable_shampoo.async_roots import RootScheduler
 from scalable_shampoo.eigenvalue_corrected import (EigenvalueCorrectedStack, eigenbasis,
-                                                   offdiagonal_ratio, power_qr_step,
-                                                   refresh_bases)
-from tests.reference import ReferenceEigenvalueCorrected
+                                                   eigenvalue_order, offdiagonal_ratio,
+                                                   power_qr_step, refresh_bases)
+from tests.reference import ReferenceEigenvalueCorrected, kron_all
 from tests.test_optimizer import SHAPES
 
 EC = dict(preconditioner="eigenvalue_corrected")
 EC_CONFIGS = {
     "ec_eigh": dict(**EC, lr=0.01, betas=(0.9, 0.95), precondition_frequency=3,
                     start_preconditioning_step=4),
-    "ec_qr_adaptive_factor_beta": dict(**EC, lr=0.01, betas=(0.9, 0.99), eigenbasis_method="qr",
-                                       basis_refresh_tolerance=0.2, factor_beta=0.8,
-                                       precondition_frequency=2, start_preconditioning_step=4),
+    "ec_qr_adaptive_factor_beta_1d": dict(
+        **EC, lr=0.01, betas=(0.9, 0.99), eigenbasis_method="qr", basis_refresh_tolerance=0.2,
+        factor_beta=0.8, precondition_1d=True, precondition_frequency=2,
+        start_preconditioning_step=4),
     "ec_adam_graft_nesterov_coupled_wd": dict(
         **EC, lr=0.01, betas=(0.8, 1.0), grafting="adam", nesterov=True, weight_decay=0.1,
         decoupled_weight_decay=False, statistics_frequency=2, precondition_frequency=4,
@@ -107,12 +108,14 @@ def test_qr_refresh_converges_to_the_eigh_basis_on_a_fixed_factor():
                                torch.ones(6, dtype=torch.float64), atol=1e-9, rtol=0)
 
 
-def test_power_qr_step_orders_columns_by_estimated_eigenvalue():
+def test_power_qr_step_orders_columns_by_eigenvalue_order():
     gen = torch.Generator().manual_seed(3)
     s = _spd(5, gen)[None]
     exact = eigenbasis(s)
     shuffled = exact[..., torch.tensor([3, 0, 4, 1, 2])]
-    new = power_qr_step(s @ shuffled, torch.diagonal(shuffled.mT @ s @ shuffled, dim1=-2, dim2=-1))
+    order = eigenvalue_order(shuffled, s @ shuffled)
+    assert order.tolist() == [[1, 3, 4, 0, 2]]  # shuffled[:, 1] is the top eigenvector
+    new = power_qr_step(s @ shuffled, order)
     torch.testing.assert_close(torch.diag(exact[0].T @ new[0]).abs(),
                                torch.ones(5, dtype=torch.float64), atol=1e-12, rtol=0)
 
@@ -125,6 +128,7 @@ def test_refresh_is_eigh_first_then_skipped_while_the_basis_still_diagonalizes(m
     first = refresh_bases(s, identity, torch.tensor([False, False]), method, 1e-6)
     assert first.refreshed.tolist() == [True, True]  # no basis yet: always eigh
     assert first.drift.isnan().all()  # nothing to measure
+    assert first.source.tolist() == [list(range(5))] * 2  # no ranks to follow yet
     torch.testing.assert_close(first.basis, eigenbasis(s))
     # Row 0's factor is unchanged, row 1's is rotated: only row 1 is refreshed.
     rotation = torch.linalg.matrix_exp(0.3 * (lambda a: a - a.T)(
@@ -134,6 +138,9 @@ def test_refresh_is_eigh_first_then_skipped_while_the_basis_still_diagonalizes(m
     assert second.refreshed.tolist() == [False, True]
     assert second.drift[0] < 1e-12 < 1e-2 < second.drift[1]
     assert torch.equal(second.basis[0], first.basis[0])
+    product = moved[1] @ first.basis[1]
+    assert second.source[0].tolist() == list(range(5))  # skipped: v stays
+    assert second.source[1].tolist() == eigenvalue_order(first.basis[1], product).tolist()
     # Without a tolerance every row is refreshed.
     always = refresh_bases(moved, first.basis, torch.tensor([True, True]), method, 0.0)
     assert always.refreshed.tolist() == [True, True] and always.drift.isnan().all()
@@ -208,22 +215,30 @@ def test_matches_float64_reference(config_name, shape_name):
         ref.refreshes, ref.skips)
 
 
-def test_reference_comparison_sees_the_second_moment_rule():
-    """Negative control: keeping v as it is on a change of basis (SOAP's rule) leaves
-    a difference the comparison above would catch."""
+@pytest.mark.parametrize("rule", ["keep", "project"])
+def test_reference_comparison_sees_the_second_moment_rule(rule):
+    """Negative controls: keeping ``v`` as it is on every change of basis, or projecting
+    it onto the new basis (``v x_i (C o C)``) on every change, leaves a difference the
+    comparison above would catch."""
     shapes, merged, shape_options = SHAPES["matrix"]
     options = {**EC_CONFIGS["ec_eigh"], **shape_options, "factor_dtype": torch.float64}
     params, _, _ = _run(shapes, merged, options)
 
-    class KeepSecondMoment(ReferenceEigenvalueCorrected):
+    class OtherRule(ReferenceEigenvalueCorrected):
         def _refresh(self, key, block, vb):
-            kept = vb.clone()
+            before = vb.clone()
+            olds = {d: block.roots[d].clone() for d in block.dims}
             super()._refresh(key, block, vb)
-            vb.copy_(kept)
+            if rule == "keep":
+                vb.copy_(before)
+                return
+            weights = [(olds[d].T @ block.roots[d]) ** 2 if d in block.dims
+                       else torch.eye(n, dtype=torch.float64) for d, n in enumerate(block.shape)]
+            vb.copy_((kron_all([w.T for w in weights]) @ before.reshape(-1)).reshape(vb.shape))
 
     gen = torch.Generator().manual_seed(0)
     start = [torch.randn(s, dtype=torch.float64, generator=gen) for s in shapes]
-    ref = KeepSecondMoment([p.clone() for p in start], merged, **options)
+    ref = OtherRule([p.clone() for p in start], merged, **options)
     for _ in range(24):
         ref.step([torch.randn(p.shape, dtype=torch.float64, generator=gen) for p in start])
     assert not torch.allclose(params[0], ref.params[0], rtol=1e-7, atol=1e-9)
@@ -398,7 +413,7 @@ def test_root_work_seam_is_pure_and_equals_the_synchronous_refresh():
 
 def test_state_dict_holds_bases_moments_and_counts():
     params = _params([(6, 5)], torch.float32)
-    opt = Shampoo(params, **EC_CONFIGS["ec_qr_adaptive_factor_beta"], block_size=6)
+    opt = Shampoo(params, **EC_CONFIGS["ec_qr_adaptive_factor_beta_1d"], block_size=6)
     gen = torch.Generator().manual_seed(6)
     for _ in range(6):
         params[0].grad = torch.randn(6, 5, generator=gen)

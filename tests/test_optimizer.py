@@ -42,6 +42,7 @@ CONFIGS = {
     "no_graft": dict(lr=0.01, grafting="none", betas=(0.5, 0.9), epsilon=1e-3,
                      precondition_frequency=2),
     "decoupled_wd": dict(lr=0.05, weight_decay=0.1, precondition_frequency=2),
+    "vectors_not_preconditioned": dict(lr=0.05, precondition_1d=False, precondition_frequency=2),
     "coupled_wd": dict(lr=0.05, weight_decay=0.1, decoupled_weight_decay=False,
                        grafting="adagrad", precondition_frequency=2),
     "exponent_multiplier": dict(lr=0.05, exponent_multiplier=1.5, precondition_frequency=2),
