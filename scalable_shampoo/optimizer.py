@@ -1,9 +1,11 @@
-"""The :class:`Shampoo` optimizer: param groups, step orchestration, state dict.
+"""The :class:`Shampoo` optimizer: param groups and step orchestration.
 
 The math lives elsewhere: shapes and blocks in :mod:`.blocking`, roots in
 :mod:`.matrix_functions`, factor statistics and preconditioning of stacked blocks in
-:mod:`.preconditioner`, grafting in :mod:`.grafting`. This module decides, per step,
-which of those run on which blocks, and maps blocks back to parameters.
+:mod:`.preconditioner`, grafting in :mod:`.grafting`, the eigenvalue-corrected variant in
+:mod:`.eigenvalue_corrected`; a block's state in and out of dicts in :mod:`.state_dicts`.
+This module decides, per step, which of those run on which blocks, and maps blocks back
+to parameters.
 """
 
 from __future__ import annotations
@@ -14,20 +16,17 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .async_roots import (RootEvents, RootScheduler, decode_pending, encode_pending,
-                          pending_from_rows, pending_row, resolve_root_delay)
+from .async_roots import RootEvents, RootScheduler, resolve_root_delay
 from .blocking import BlockLayout, BlockRegion, block_layout, block_regions, region_view
 from .config import STRUCTURAL_FIELDS, ShampooConfig
-from .distributed import DataParallel, Exchange, saved_blocks
+from .distributed import DataParallel, Exchange
 from .eigenvalue_corrected import (EigenvalueCorrectedStack, basis_metrics,
                                    eigenvalue_corrected_direction_)
 from .grafting import graft, graft_direction_
 from .matrix_functions import newton_fraction
 from .preconditioner import BlockStack, StackState
-
-STATE_FORMAT = "scalable_shampoo.shampoo/1"
-# Keys by parameter and block index (strings), blocks a dict that may hold a subset.
-SHARDED_FORMAT = "scalable_shampoo.shampoo.sharded/1"
+from .state_dicts import (SHARDED_FORMAT, STATE_FORMAT, block_state, check_state_dict,
+                          restore_blocks, saved_groups)
 STACK_TYPES = {"shampoo": BlockStack, "eigenvalue_corrected": EigenvalueCorrectedStack}
 
 
@@ -497,7 +496,7 @@ class Shampoo(torch.optim.Optimizer):
         if self._data_parallel is not None:
             return self.sharded_state_dict()
         self._wait_for_roots()
-        state, groups, offset = {}, self._saved_groups(), 0
+        state, offset = {}, 0
         for gi, group in enumerate(self.param_groups):
             count = len(group["params"])
             plan = self._plans[gi]
@@ -505,10 +504,11 @@ class Shampoo(torch.optim.Optimizer):
                 for pi in range(count):
                     state[offset + pi] = {
                         "step": plan.step,
-                        "blocks": [_block_state(plan.stacks[si], row)
+                        "blocks": [block_state(plan.stacks[si], row)
                                    for si, row in plan.locations[pi]]}
             offset += count
-        return {"format": STATE_FORMAT, "state": state, "param_groups": groups,
+        return {"format": STATE_FORMAT, "state": state,
+                "param_groups": saved_groups(self.param_groups),
                 "counters": dict(self._counters)}
 
     def sharded_state_dict(self) -> dict[str, Any]:
@@ -529,64 +529,31 @@ class Shampoo(torch.optim.Optimizer):
             for pi, where in enumerate(plan.locations):
                 state[str(offset + pi)] = {
                     "step": plan.step,
-                    "blocks": {str(bi): _block_state(plan.stacks[si], row, sharded=True)
+                    "blocks": {str(bi): block_state(plan.stacks[si], row, sharded=True)
                                for bi, (si, row) in enumerate(where) if si >= 0}}
             offset += len(group["params"])
-        return {"format": SHARDED_FORMAT, "state": state, "param_groups": self._saved_groups(),
+        return {"format": SHARDED_FORMAT, "state": state,
+                "param_groups": saved_groups(self.param_groups),
                 "counters": {"nonfinite_grad_skips": self._counters["nonfinite_grad_skips"]}}
-
-    def _saved_groups(self) -> list[dict[str, Any]]:
-        groups, offset = [], 0
-        for group in self.param_groups:
-            count = len(group["params"])
-            groups.append({**{k: v for k, v in group.items() if k != "params"},
-                           "params": list(range(offset, offset + count))})
-            offset += count
-        return groups
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores :meth:`state_dict`'s or :meth:`sharded_state_dict`'s output
         (hyperparameters included, as ``torch.optim`` does), taking the blocks this rank
         owns from whichever blocks the state holds. Raises ``ValueError`` for another
         format, a state that does not fit these parameters, or one that lacks a block."""
-        found = state_dict.get("format") if isinstance(state_dict, dict) else None
-        if found not in (STATE_FORMAT, SHARDED_FORMAT):
-            raise ValueError(f"not a Shampoo state dict of format {STATE_FORMAT!r} or "
-                             f"{SHARDED_FORMAT!r} (found format {found!r})")
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"state dict has {len(saved_groups)} param groups, the optimizer "
-                             f"{len(self.param_groups)}")
-        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"param group {gi} has {len(group['params'])} parameters, the "
-                                 f"state dict {len(saved['params'])}")
-        configs = [ShampooConfig.from_group({**g, **s}) for g, s in
-                   zip(self.param_groups, saved_groups)]
+        saved = check_state_dict(state_dict, self.param_groups)
+        configs = [ShampooConfig.from_group({**g, **s}) for g, s in zip(self.param_groups, saved)]
         plans: list[_GroupPlan] = []
         for group, config in zip(self.param_groups, configs):
             plans.append(_build_plan(group["params"], config, self.foreach, self._data_parallel,
                                      plans[-1] if plans else None))
-        entries = state_dict["state"]
-        for plan, saved in zip(plans, saved_groups):
-            # Per stack and row, the roots computed but not yet in use.
-            pending: list[list[Any]] = [[None] * len(stack.members) for stack in plan.stacks]
-            for pi, key in enumerate(saved["params"]):
-                entry = entries.get(key, entries.get(str(key)))
-                if entry is None:
-                    continue
-                plan.step = int(entry["step"])
-                where = plan.locations[pi]
-                blocks = saved_blocks(entry["blocks"], len(where),
-                                      [bi for bi, (si, _) in enumerate(where) if si >= 0], key)
-                for bi, (si, row) in enumerate(where):
-                    if si >= 0:  # not another rank's block
-                        _load_block_state(plan.stacks[si], row, blocks[bi],
-                                          f"parameter {key} block {bi}")
-                        pending[si][row] = decode_pending(blocks[bi].get("pending_roots"))
-            _install_pending(plan, pending)
-        for group, saved in zip(self.param_groups, saved_groups):
-            group.update({k: v for k, v in saved.items() if k != "params"})
+        for plan, entry in zip(plans, saved):
+            step = restore_blocks(plan.stacks, plan.locations, entry["params"],
+                                  state_dict["state"])
+            if step is not None:
+                plan.step = step
+        for group, entry in zip(self.param_groups, saved):
+            group.update({k: v for k, v in entry.items() if k != "params"})
         self._plans = plans
         self._counters.update(state_dict.get("counters", {}))
 
@@ -669,55 +636,3 @@ def _apply(params: list[torch.Tensor], layouts: list[BlockLayout],
             targets.append(param)
             deltas.append(full.view(param.shape))
     torch._foreach_add_(targets, deltas, alpha=-config.lr * scale)
-
-
-def _block_state(stack: BlockStack, row: int, sharded: bool = False) -> dict[str, Any]:
-    state, record = stack.state, stack.record
-    def copy(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t[row].clone()
-    return {"factors": [f[row].clone() for f in state.factors],
-            "roots": [r[row].clone() for r in state.roots],
-            "graft": copy(state.graft), "momentum": copy(state.momentum),
-            "root_computed_at": record.computed_at[row].clone(),
-            "root_residual": record.residual[row].clone(),
-            "root_failures": record.failures[row].clone(),
-            "pending_roots": (encode_pending(pending_row(stack.pending, row)) if sharded
-                              else pending_row(stack.pending, row)),
-            **{name: t[row].clone() for name, t in stack.extra_state().items()}}
-
-
-def _install_pending(plan: _GroupPlan, pending: list[list[dict[str, Any] | None]]) -> None:
-    """Restores each stack's roots computed but not yet in use from its rows' entries."""
-    for si, stack in enumerate(plan.stacks):
-        stack.pending = pending_from_rows(pending[si], stack.result_type, stack.device,
-                                          f"block stack {si} of shape {stack.block_shape}")
-
-
-def _load_block_state(stack: BlockStack, row: int, saved: dict[str, Any], where: str) -> None:
-    def put(target: torch.Tensor, value: Any, name: str) -> None:
-        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(target.shape[1:]):
-            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"{where}: {name} has shape {shape}, expected "
-                             f"{tuple(target.shape[1:])}")
-        target[row].copy_(value)
-
-    state: StackState = stack.state
-    for name in ("factors", "roots"):
-        if len(saved[name]) != len(getattr(state, name)):
-            raise ValueError(f"{where}: {len(saved[name])} {name}, expected "
-                             f"{len(getattr(state, name))} (preconditioned dimensions differ)")
-    for i, (factor, root) in enumerate(zip(saved["factors"], saved["roots"])):
-        put(state.factors[i], factor, f"factor {i}")
-        put(state.roots[i], root, f"root {i}")
-    shape = (len(stack.members), *stack.block_shape)
-    for name in ("graft", "momentum"):
-        if saved[name] is not None:
-            if getattr(state, name) is None:
-                setattr(state, name, torch.zeros(shape, dtype=stack.work_dtype,
-                                                  device=stack.device))
-            put(getattr(state, name), saved[name], name)
-    for name, target in (("root_computed_at", stack.record.computed_at),
-                         ("root_residual", stack.record.residual),
-                         ("root_failures", stack.record.failures),
-                         *stack.extra_state().items()):
-        put(target, saved.get(name), name)
