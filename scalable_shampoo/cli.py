@@ -12,7 +12,7 @@ import torch
 if TYPE_CHECKING:  # the bench extra is imported only by the compare command
     from .bench.compare import CompareSettings
 
-DEFAULT_OPTIMIZERS = ("shampoo", "adamw", "adagrad", "sgd")
+DEFAULT_OPTIMIZERS = ("shampoo", "soap", "adamw", "adagrad", "sgd")
 QUICK_WORKLOADS = ("image", "autoencoder")
 QUICK_LR_SWEEP = 2
 FULL_LR_SWEEP = 3
@@ -64,7 +64,9 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
                          "scalable_shampoo.bench.workloads.Workload (repeatable)")
     compare.add_argument("--optimizers", nargs="+", default=list(DEFAULT_OPTIMIZERS),
                          metavar="SPEC", help="optimizers as kind[:key=value,...], kinds "
-                         "shampoo, adamw, adagrad, sgd; e.g. shampoo:grafting=sgd,block_size=256; "
+                         "shampoo, soap (Shampoo's eigenvalue-corrected variant with SOAP's "
+                         "settings), adamw, adagrad, sgd; e.g. "
+                         "shampoo:grafting=sgd,block_size=256; "
                          "lr=X fixes that optimizer's learning rate (default: "
                          f"{' '.join(DEFAULT_OPTIMIZERS)})")
     compare.add_argument("--baseline", default=None, metavar="SPEC",

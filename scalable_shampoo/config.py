@@ -87,7 +87,9 @@ class ShampooConfig:
         precondition_frequency: >= 1 steps between root recomputations. Default 100.
         start_preconditioning_step: >= 1, the first step that uses (and computes)
             roots; before it the grafting direction is used. None: equal to
-            ``precondition_frequency``.
+            ``precondition_frequency`` for "shampoo"; 1 for "eigenvalue_corrected" (SOAP
+            computes its first basis from the first gradient; measured in issue 6's note,
+            a first basis at step 10 left the ``autoencoder`` workload on its plateau).
         statistics_frequency: >= 1; factors are updated at steps 1, 1+k, 1+2k, ...
             Default 1.
         grafting: one of "none", "sgd", "adagrad", "rmsprop", "adam": the first-order
@@ -238,7 +240,7 @@ class ShampooConfig:
     def preconditioning_start(self) -> int:
         """The first step that uses roots (``start_preconditioning_step`` resolved)."""
         if self.start_preconditioning_step is None:
-            return self.precondition_frequency
+            return 1 if self.preconditioner == "eigenvalue_corrected" else self.precondition_frequency
         return self.start_preconditioning_step
 
     def is_statistics_step(self, step: int) -> bool:

@@ -188,6 +188,8 @@ class ReferenceEigenvalueCorrected(ReferenceShampoo):
     def __init__(self, params, merged_shapes, grafting=None, eigenbasis_method="eigh",
                  basis_refresh_tolerance=0.0, factor_beta=None, adam_epsilon=1e-8,
                  precondition_1d=None, **options):
+        if options.get("start_preconditioning_step") is None:
+            options["start_preconditioning_step"] = 1  # the first basis at step 1, as SOAP
         super().__init__(params, merged_shapes, grafting=grafting or "none",
                          precondition_1d=bool(precondition_1d), **options)
         beta2 = options.get("betas", (0.9, 0.999))[1]

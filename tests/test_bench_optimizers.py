@@ -38,6 +38,15 @@ def test_parse_spec_reads_kind_overrides_and_fixed_lr():
     assert parse_spec("adamw").kwargs == {} and parse_spec("adamw").fixed_lr is None
 
 
+def test_soap_is_the_eigenvalue_corrected_variant_with_soaps_settings():
+    spec = parse_spec("soap:precondition_frequency=5")
+    optimizer = spec.build([torch.nn.Parameter(torch.randn(5, 4))], lr=3e-3)
+    group = optimizer.param_groups[0]
+    assert isinstance(optimizer, Shampoo)
+    assert (group["preconditioner"], group["betas"], group["start_preconditioning_step"],
+            group["precondition_frequency"]) == ("eigenvalue_corrected", (0.95, 0.95), 1, 5)
+
+
 def test_overrides_reach_the_constructor():
     spec = parse_spec("shampoo:block_size=64,grafting=sgd,precondition_frequency=7")
     optimizer = spec.build([torch.nn.Parameter(torch.randn(5, 4))], lr=0.25)
@@ -50,7 +59,7 @@ def test_overrides_reach_the_constructor():
 
 
 @pytest.mark.parametrize("text, message", [
-    ("lion", r"unknown optimizer 'lion'.*known: shampoo, adamw, adagrad, sgd"),
+    ("lion", r"unknown optimizer 'lion'.*known: shampoo, soap, adamw, adagrad, sgd"),
     ("shampoo:", r"nothing after ':'"),
     ("shampoo:block_size", r"malformed override 'block_size' \(expected key=value\)"),
     ("shampoo:=3", r"malformed override '=3'"),

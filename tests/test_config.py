@@ -536,6 +536,11 @@ def test_defaults_of_the_eigenvalue_corrected_variant():
             config.adam_epsilon) == ("eigh", 0.0, None, 1e-8)
     assert config.factor_ema == config.betas[1] == 0.999
     assert config.precondition_1d is False and ShampooConfig().precondition_1d is True
+    # The first basis at step 1 (SOAP's schedule); classic roots at precondition_frequency.
+    assert config.start_preconditioning_step is None and config.preconditioning_start == 1
+    assert ShampooConfig(precondition_frequency=7).preconditioning_start == 7
+    assert ShampooConfig(preconditioner="eigenvalue_corrected",
+                         start_preconditioning_step=5).preconditioning_start == 5
     assert ShampooConfig(betas=(0.9, 0.95), factor_beta=0.5).factor_ema == 0.5
 
 

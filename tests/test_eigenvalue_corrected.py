@@ -244,6 +244,19 @@ def test_reference_comparison_sees_the_second_moment_rule(rule):
     assert not torch.allclose(params[0], ref.params[0], rtol=1e-7, atol=1e-9)
 
 
+def test_default_first_basis_is_computed_from_the_first_gradient():
+    param = torch.randn(6, 4)
+    opt = Shampoo([param], preconditioner="eigenvalue_corrected", precondition_frequency=10,
+                  block_size=8)
+    param.grad = torch.randn(6, 4)
+    before = param.detach().clone()
+    opt.step()
+    assert opt.metrics()["basis_refreshes"] == 2  # both factors, at step 1
+    # Not Adam's first step (the sign of the gradient times lr): the basis is in use.
+    adam_step = -1e-3 * param.grad.sign()
+    assert not torch.allclose(param - before, adam_step, rtol=1e-3, atol=0)
+
+
 def test_several_groups_mix_preconditioners():
     gen = torch.Generator().manual_seed(5)
     a = torch.randn(6, 4, dtype=torch.float64, generator=gen)
@@ -318,8 +331,8 @@ def test_adaptive_refresh_in_the_optimizer_skips_only_while_the_basis_holds():
 @pytest.mark.parametrize("method, kernel", [("eigh", "eigenbasis"), ("qr", "power_qr_step")])
 def test_failed_basis_keeps_the_previous_one_and_is_counted(monkeypatch, method, kernel):
     params = _params([(5, 4)] * 3, torch.float32)
-    opt = Shampoo(params, **EC, lr=0.02, precondition_frequency=2, block_size=5,
-                  eigenbasis_method=method)
+    opt = Shampoo(params, **EC, lr=0.02, precondition_frequency=2,
+                  start_preconditioning_step=2, block_size=5, eigenbasis_method=method)
     gen = torch.Generator().manual_seed(2)
 
     def feed(steps):

@@ -29,6 +29,7 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 KINDS: dict[str, OptimizerFactory] = {
     "shampoo": Shampoo,
+    "soap": Shampoo,  # the eigenvalue-corrected variant with SOAP's settings, below
     "adamw": torch.optim.AdamW,
     "adagrad": torch.optim.Adagrad,
     "sgd": torch.optim.SGD,
@@ -37,17 +38,23 @@ KINDS: dict[str, OptimizerFactory] = {
 # preconditioning from step 10, roots refreshed every 20 steps (runs here are a few
 # hundred steps, so the library's default of 100 would leave most of a run
 # unpreconditioned), 128-blocks so that the roots are cheap batched eigendecompositions.
-# SGD: heavy-ball momentum, as SGD is used in practice. AdamW and Adagrad: torch's defaults.
+# SOAP: Shampoo's eigenvalue-corrected variant with the settings of Vyas et al. (2024),
+# Adam's betas (0.95, 0.95) (also the factors' EMA), bases refreshed every 10 steps from
+# the first; 128-blocks as Shampoo. SGD: heavy-ball momentum, as SGD is used in practice.
+# AdamW and Adagrad: torch's defaults.
 COMPARISON_DEFAULTS: dict[str, dict[str, Any]] = {
     "shampoo": {"block_size": 128, "precondition_frequency": 20,
                 "start_preconditioning_step": 10},
+    "soap": {"preconditioner": "eigenvalue_corrected", "betas": (0.95, 0.95),
+             "block_size": 128, "precondition_frequency": 10, "start_preconditioning_step": 1},
     "adamw": {},
     "adagrad": {},
     "sgd": {"momentum": 0.9},
 }
 # Centre of the learning-rate grid per kind when the workload names none: Shampoo grafts
-# Adam's step size by default, so it shares AdamW's centre.
-LR_CENTERS: dict[str, float] = {"shampoo": 1e-3, "adamw": 1e-3, "adagrad": 1e-2, "sgd": 3e-2}
+# Adam's step size by default, so it shares AdamW's centre; SOAP's authors use 3e-3.
+LR_CENTERS: dict[str, float] = {"shampoo": 1e-3, "soap": 3e-3, "adamw": 1e-3, "adagrad": 1e-2,
+                                "sgd": 3e-2}
 _DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
 
 
