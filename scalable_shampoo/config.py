@@ -239,9 +239,9 @@ class ShampooConfig:
     @property
     def preconditioning_start(self) -> int:
         """The first step that uses roots (``start_preconditioning_step`` resolved)."""
-        if self.start_preconditioning_step is None:
-            return 1 if self.preconditioner == "eigenvalue_corrected" else self.precondition_frequency
-        return self.start_preconditioning_step
+        if self.start_preconditioning_step is not None:
+            return self.start_preconditioning_step
+        return 1 if self.preconditioner == "eigenvalue_corrected" else self.precondition_frequency
 
     def is_statistics_step(self, step: int) -> bool:
         """Whether the factors are updated at ``step`` (1-based)."""

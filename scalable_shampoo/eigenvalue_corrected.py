@@ -276,8 +276,11 @@ class EigenvalueCorrectedStack(BlockStack):
         n = len(self.members)
 
         def full(matrices: list[torch.Tensor | None]) -> list[torch.Tensor]:
-            return [torch.eye(self.block_shape[d], dtype=dtype, device=self.device).expand(n, -1, -1)
-                    if m is None else m.to(dtype) for d, m in zip(self.dims, matrices)]
+            out = []
+            for d, m in zip(self.dims, matrices):
+                eye = torch.eye(self.block_shape[d], dtype=dtype, device=self.device)
+                out.append(eye.expand(n, -1, -1) if m is None else m.to(dtype))
+            return out
 
         if state.momentum is not None:
             state.momentum.copy_(self.multiply(state.momentum, full(rotations)))
