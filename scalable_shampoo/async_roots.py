@@ -302,8 +302,12 @@ def pending_from_rows(entries: Sequence[dict[str, Any] | None], result_type: typ
         raise ValueError(f"{where}: blocks stacked together must all have pending roots "
                          "from the same step or none (a checkpoint of another optimizer?)")
     (computed_at, activates_at), = timing
+    expected = {f.name for f in dataclasses.fields(result_type) if f.init}
     results = []
     for i, first in enumerate(present[0]["results"]):
+        if set(first) != expected:
+            raise ValueError(f"{where}: pending roots with fields {sorted(first)}, expected "
+                             f"{sorted(expected)} (a checkpoint of another version?)")
         fields = {}
         for name, value in first.items():
             if isinstance(value, torch.Tensor):

@@ -269,6 +269,11 @@ def test_pending_rows_round_trip():
     assert pending_from_rows([None, None], RootResult, torch.device("cpu"), "here") is None
     with pytest.raises(ValueError, match="here: blocks stacked together"):
         pending_from_rows([rows[0], None, rows[2]], RootResult, torch.device("cpu"), "here")
+    # An entry from another version (a field missing) is a clear error, not a TypeError.
+    old = [{**row, "results": [{k: v for k, v in r.items() if k != "iterations"}
+                               for r in row["results"]]} for row in rows]
+    with pytest.raises(ValueError, match=r"here: pending roots with fields .*another version"):
+        pending_from_rows(old, RootResult, torch.device("cpu"), "here")
 
 
 # ------------------------------------------------------------------ arguments
