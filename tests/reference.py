@@ -106,10 +106,7 @@ class ReferenceShampoo:
         for p, grad, st in zip(self.params, grads, self.state):
             if grad is None:
                 continue
-            g = grad.double().reshape(st.merged_shape).clone()
-            w = p.data.view(st.merged_shape)
-            if h["wd"] and not h["decoupled"]:
-                g = g + h["wd"] * w
+            g, w = self._gradient(p, grad, st)
             a_full = self._grafting_direction(g, st, t)
             direction = torch.zeros_like(g)
             for block in st.blocks:
@@ -157,6 +154,16 @@ class ReferenceShampoo:
             if h["wd"] and h["decoupled"]:
                 w.sub_(h["lr"] * h["wd"] * w)
             w.sub_(h["lr"] * u)
+
+    def _gradient(self, p: torch.Tensor, grad: torch.Tensor,
+                  st: ParamRef) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(g, w)``: the float64 gradient in the merged shape (with coupled weight decay
+        added) and the parameter viewed in that shape."""
+        g = grad.double().reshape(st.merged_shape).clone()
+        w = p.data.view(st.merged_shape)
+        if self.h["wd"] and not self.h["decoupled"]:
+            g = g + self.h["wd"] * w
+        return g, w
 
     def _grafting_direction(self, g: torch.Tensor, st: ParamRef, t: int) -> torch.Tensor:
         """The grafting direction over the whole parameter (elementwise methods)."""
@@ -240,10 +247,7 @@ class ReferenceEigenvalueCorrected(ReferenceShampoo):
         for pi, (p, grad, st) in enumerate(zip(self.params, grads, self.state)):
             if grad is None:
                 continue
-            g = grad.double().reshape(st.merged_shape).clone()
-            w = p.data.view(st.merged_shape)
-            if h["wd"] and not h["decoupled"]:
-                g = g + h["wd"] * w
+            g, w = self._gradient(p, grad, st)
             a_full = self._grafting_direction(g, st, t)
             st.momentum.mul_(b1).add_((1 - b1) * g)  # b1 = 0: the gradient itself
             v = self.second_moments[pi]
