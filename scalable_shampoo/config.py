@@ -47,6 +47,17 @@ def _check_real(name: str, value: Any, low: float, high: float, *, low_open: boo
         raise ValueError(f"{name} must be in {left}{low!r}, {hi}{right}, got {value!r}")
 
 
+def _scalar(name: str, value: Any) -> Any:
+    """A one-element real tensor as a Python float (``torch.optim`` accepts a tensor lr,
+    which schedulers then update in place); any other value as it is."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+        raise ValueError(f"{name} must be a finite real number or a one-element real tensor, "
+                         f"got a {value.dtype} tensor of shape {tuple(value.shape)}")
+    return value.item()
+
+
 def _check_int(name: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -69,7 +80,10 @@ class ShampooConfig:
     """Hyperparameters of one parameter group.
 
     Attributes:
-        lr: step size, >= 0. Default 1e-3.
+        lr: step size, >= 0: a number or a one-element tensor (as ``torch.optim``
+            accepts; a param group keeps the tensor, so that schedulers update it in
+            place, and its value is read at every step). Here always a float.
+            Default 1e-3.
         betas: ``(beta1, beta2)``. ``beta1`` in [0, 1) is the momentum EMA of the
             update direction (0: no momentum); ``beta2`` in (0, 1] is the EMA of the
             Kronecker factors (unless ``factor_beta`` is set), where 1 means the plain
@@ -182,6 +196,7 @@ class ShampooConfig:
     precondition_1d: bool | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "lr", _scalar("lr", self.lr))
         _check_real("lr", self.lr, 0.0, math.inf)
         betas = self.betas
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:

@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from .argument_checks import (check_dense, check_dense_grads, check_group_keys,
+                              check_lr_fits, explain_unknown_keywords, largest_step_factor)
 from .async_roots import RootEvents, RootScheduler, resolve_root_delay
 from .blocking import BlockLayout, BlockRegion, block_layout, block_regions, region_view
 from .config import STRUCTURAL_FIELDS, ShampooConfig
@@ -164,6 +166,12 @@ def _check_newton_exponents(plan: _GroupPlan, config: ShampooConfig, index: int)
                     f"{config.exponent_multiplier}: {error}") from None
 
 
+def _check_lr(config: ShampooConfig, params: list[torch.Tensor], index: int) -> None:
+    wd = config.weight_decay if config.decoupled_weight_decay else 0.0
+    check_lr_fits(config.lr, wd, largest_step_factor(config.betas, config.bias_correction),
+                  params, index)
+
+
 class Shampoo(torch.optim.Optimizer):
     """Shampoo: a Kronecker-factored preconditioner per (block of a) parameter.
 
@@ -189,8 +197,9 @@ class Shampoo(torch.optim.Optimizer):
         process_group: the group to share over; None: the default group.
     """
 
+    @explain_unknown_keywords
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-                 lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  epsilon: float = 1e-12, weight_decay: float = 0.0, block_size: int = 1024,
                  max_preconditioned_dim: int = 8192, precondition_frequency: int = 100,
                  start_preconditioning_step: int | None = None,
@@ -224,6 +233,7 @@ class Shampoo(torch.optim.Optimizer):
             eigenbasis_method=eigenbasis_method, basis_refresh_tolerance=basis_refresh_tolerance,
             factor_beta=factor_beta, adam_epsilon=adam_epsilon, precondition_1d=precondition_1d,
         ).as_dict()
+        defaults["lr"] = lr  # a tensor stays one, for schedulers (as in torch.optim)
         # None stays: each group resolves these by its own preconditioner.
         defaults["grafting"] = grafting
         defaults["precondition_1d"] = precondition_1d
@@ -242,13 +252,17 @@ class Shampoo(torch.optim.Optimizer):
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        group, index = self.param_groups[-1], len(self.param_groups) - 1
         try:
-            resolve_root_delay(ShampooConfig.from_group(group), self._roots.asynchronous)
+            check_group_keys(group, index)
+            config = ShampooConfig.from_group(group)
+            resolve_root_delay(config, self._roots.asynchronous)
             for param in group["params"]:
                 if not param.is_floating_point():
                     raise TypeError(f"Shampoo optimizes real floating-point parameters, got "
                                     f"a parameter of dtype {param.dtype}")
+            check_dense(group["params"], index)
+            _check_lr(config, group["params"], index)
         except (ValueError, TypeError):
             self.param_groups.pop()
             raise
@@ -289,6 +303,9 @@ class Shampoo(torch.optim.Optimizer):
         try:
             # Validate every group before touching any, so a bad value leaves no partial step.
             configs = [ShampooConfig.from_group(group) for group in self.param_groups]
+            check_dense_grads(self.param_groups)
+            for index, (group, config) in enumerate(zip(self.param_groups, configs)):
+                _check_lr(config, group["params"], index)
             delays = [resolve_root_delay(config, self._roots.asynchronous) for config in configs]
             plans = [self._plan(index, config) for index, config in enumerate(configs)]
             self._roots.raise_failures([stack for plan in plans for stack in plan.stacks])
@@ -309,9 +326,6 @@ class Shampoo(torch.optim.Optimizer):
             grads, nonfinite = self._data_parallel.agree(plan.exchange, grads, params, config)
         if all(g is None for g in grads):
             return
-        for g in grads:
-            if g is not None and g.is_sparse:
-                raise RuntimeError("Shampoo does not support sparse gradients")
         plan.step += 1
         step = plan.step
         if config.weight_decay and not config.decoupled_weight_decay:
