@@ -31,12 +31,13 @@ import torch
 import torch.distributed as dist
 
 from .blocking import BlockLayout, BlockRegion, block_regions
+from .gradient_screen import Skips, norm_limit, screen_whole
 
 if TYPE_CHECKING:
     from .config import ShampooConfig
 
-# Per-parameter gradient status, agreed by an all-reduce with MAX.
-_PRESENT, _ABSENT, _NONFINITE = 0, 1, 2
+# Per-parameter gradient status, agreed by an all-reduce with MAX (a NaN anywhere wins).
+_PRESENT, _ABSENT, _OVERFLOW, _NONFINITE = 0, 1, 2, 3
 
 
 class PeerFailure(RuntimeError):
@@ -346,24 +347,23 @@ class DataParallel:
 
     def agree(self, exchange: Exchange, grads: list[torch.Tensor | None],
               params: list[torch.Tensor],
-              config: "ShampooConfig") -> tuple[list[torch.Tensor | None], set[int]]:
+              config: "ShampooConfig") -> tuple[list[torch.Tensor | None], Skips]:
         """The next param group's gradients with None for every parameter skipped on some
-        rank, and the parameters skipped for NaN/Inf: the same on every rank, even if
-        the ranks' gradients differ. Checks the gradient the statistics will see (with
-        coupled weight decay ``g + wd p``). Raises :class:`PeerFailure` if a rank failed."""
+        rank, and the parameters skipped for NaN/Inf or for squares that overflow the
+        state (:mod:`.gradient_screen`): the same on every rank, even if the ranks'
+        gradients differ. Checks the gradient the statistics will see (with coupled
+        weight decay ``g + wd p``). Raises :class:`PeerFailure` if a rank failed."""
         coupled = config.weight_decay and not config.decoupled_weight_decay
         checked = {i: g.add(p, alpha=config.weight_decay) if coupled else g
                    for i, (g, p) in enumerate(zip(grads, params))
-                   if g is not None and g.numel() > 0 and not g.is_sparse}
+                   if g is not None and g.numel() > 0}
         statuses = [_ABSENT if g is None else _PRESENT for g in grads]
-        # As in the single-process check: one host sync; a finite sum proves a gradient
-        # finite, the elementwise test runs only when some sum is not.
-        sums = [g.sum() for g in checked.values()]
-        if sums and not bool(torch.isfinite(torch.stack(
-                [s.to(sums[0].device, torch.float64) for s in sums])).all()):
-            for i, g in checked.items():
-                if not bool(torch.isfinite(g).all()):
-                    statuses[i] = _NONFINITE
+        verdicts = screen_whole(list(checked.values()),
+                                [norm_limit(params[i].dtype, config.factor_dtype)
+                                 for i in checked])
+        for i, verdict in zip(checked, verdicts):
+            if verdict != "ok":
+                statuses[i] = _OVERFLOW if verdict == "overflow" else _NONFINITE
         agreed = self._agreement(statuses, False)
         self._raise_if_failed(agreed[:self.world_size])
         agreed = agreed[self.world_size:]
@@ -372,7 +372,8 @@ class DataParallel:
             self._next = ("gather", exchange)
         else:
             self._next_group()
-        return grads, {i for i, s in enumerate(agreed) if s == _NONFINITE}
+        return grads, Skips({i for i, s in enumerate(agreed) if s == _NONFINITE},
+                            {i for i, s in enumerate(agreed) if s == _OVERFLOW})
 
     def gather(self, exchange: Exchange,
                updates: dict[int, list[tuple[BlockRegion, torch.Tensor]]], scale: float,

@@ -25,10 +25,13 @@ from .distributed import DataParallel, Exchange
 from .eigenvalue_corrected import (EigenvalueCorrectedStack, basis_metrics,
                                    eigenvalue_corrected_direction_)
 from .grafting import graft, graft_direction_
+from .gradient_screen import Skips, largest_norm, rows_finite, screen_rows, usable
 from .matrix_functions import newton_fraction
 from .preconditioner import BlockStack, StackState
 from .state_dicts import (SHARDED_FORMAT, STATE_FORMAT, block_state, check_state_dict,
                           restore_blocks, saved_groups)
+# Counters that are the same on every rank (decided on whole gradients, agreed).
+RANK_FREE_COUNTERS = ("nonfinite_grad_skips", "overflow_grad_skips")
 STACK_TYPES = {"shampoo": BlockStack, "eigenvalue_corrected": EigenvalueCorrectedStack}
 
 
@@ -244,9 +247,10 @@ class Shampoo(torch.optim.Optimizer):
         self._data_parallel = DataParallel.resolve(distributed, process_group)
         self._plans: list[_GroupPlan | None] = []
         self._counters = {"root_computations": 0, "root_failures": 0,
-                          "nonfinite_grad_skips": 0, "root_seconds": 0.0,
+                          "nonfinite_grad_skips": 0, "overflow_grad_skips": 0,
+                          "root_seconds": 0.0,
                           "root_wait_seconds": 0.0}
-        self._warned_nonfinite = False
+        self._warned: set[str] = set()  # the causes of skipped steps warned about
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ param groups
@@ -321,9 +325,9 @@ class Shampoo(torch.optim.Optimizer):
                     plan: _GroupPlan, delay: int) -> None:
         params = group["params"]
         grads = [p.grad for p in params]
-        nonfinite: set[int] = set()
+        skips = Skips()
         if plan.exchange is not None:  # decided on whole gradients, the same on every rank
-            grads, nonfinite = self._data_parallel.agree(plan.exchange, grads, params, config)
+            grads, skips = self._data_parallel.agree(plan.exchange, grads, params, config)
         if all(g is None for g in grads):
             return
         plan.step += 1
@@ -335,8 +339,10 @@ class Shampoo(torch.optim.Optimizer):
                   for g, layout in zip(grads, plan.layouts)]
         gathered = [_gather(stack, pieces, merged)
                     for stack, pieces in zip(plan.stacks, plan.pieces)]
-        bad = nonfinite if plan.exchange is not None else self._nonfinite_params(plan, gathered)
-        self._note_skips(bad, step)
+        if plan.exchange is None:
+            skips = _unusable_params(plan, gathered, config)
+        self._note_skips(skips, step)
+        bad = skips.all()
         if bad:  # rare: gather again without them, so no state of theirs is touched
             merged = [None if pi in bad else m for pi, m in enumerate(merged)]
             gathered = [_gather(stack, pieces, merged)
@@ -360,32 +366,21 @@ class Shampoo(torch.optim.Optimizer):
                 plan.exchange, updates, scale, [m is not None for m in merged]), 1.0
         _apply(params, plan.layouts, updates, config, scale)
 
-    def _nonfinite_params(self, plan: _GroupPlan, gathered: list[_Gathered]) -> set[int]:
-        """The parameters whose gradient has NaN/Inf entries."""
-        bad: set[int] = set()
-        present = [(stack, batch) for stack, batch in zip(plan.stacks, gathered)
-                   if batch.blocks is not None]
-        # A finite sum proves every entry finite in one cheap pass, and one host sync per
-        # group decides; the elementwise test runs only when some sum is not finite
-        # (NaN/Inf, or a sum that overflowed).
-        sums = [batch.blocks.reshape(batch.blocks.shape[0], -1).sum(dim=1) for _, batch in present]
-        if not sums or bool(torch.isfinite(torch.cat([s.to(sums[0].device) for s in sums])).all()):
-            return bad
-        for stack, batch in present:
-            finite = torch.isfinite(batch.blocks.reshape(batch.blocks.shape[0], -1)).all(dim=1)
-            bad.update(stack.members[batch.rows[j]][0]
-                       for j in (~finite).nonzero().flatten().tolist())
-        return bad
-
-    def _note_skips(self, bad: set[int], step: int) -> None:
-        """Counts the parameters skipped for NaN/Inf gradients (warned once)."""
-        if bad:
-            self._counters["nonfinite_grad_skips"] += len(bad)
-            if not self._warned_nonfinite:
-                self._warned_nonfinite = True
-                warnings.warn(f"Shampoo: skipped {len(bad)} parameter(s) with NaN/Inf gradients "
+    def _note_skips(self, skips: Skips, step: int) -> None:
+        """Counts the parameters skipped for NaN/Inf or overflowing gradients (each cause
+        warned once)."""
+        for cause, params, counter, what in (
+                ("nonfinite", skips.nonfinite, "nonfinite_grad_skips", "NaN/Inf gradients"),
+                ("overflow", skips.overflow, "overflow_grad_skips",
+                 "gradients whose squares overflow the optimizer state's dtype")):
+            if not params:
+                continue
+            self._counters[counter] += len(params)
+            if cause not in self._warned:
+                self._warned.add(cause)
+                warnings.warn(f"Shampoo: skipped {len(params)} parameter(s) with {what} "
                               f"at step {step}; their state is untouched. Later skips are "
-                              "counted in metrics()['nonfinite_grad_skips'] without a warning.",
+                              f"counted in metrics()[{counter!r}] without a warning.",
                               RuntimeWarning, stacklevel=6)  # the caller of optimizer.step()
 
     def _stack_direction(self, stack: BlockStack, rows: list[int], blocks: torch.Tensor | None,
@@ -453,6 +448,9 @@ class Shampoo(torch.optim.Optimizer):
         - ``root_failures``: roots rejected (NaN/Inf or residual above threshold); the
           previous root stayed in use (eigenvalue-corrected blocks: bases rejected).
         - ``nonfinite_grad_skips``: parameter updates skipped for NaN/Inf gradients.
+        - ``overflow_grad_skips``: parameter updates skipped for finite gradients too
+          large to square in the state's dtype (a block norm above 1.8e19 in float32):
+          the factors and second moments would become Inf for good.
         - ``root_seconds``: wall time spent computing roots (on the workers, with
           ``async_roots``), counted when they go into use.
         - ``root_wait_seconds``: time the training thread waited for background roots.
@@ -470,7 +468,7 @@ class Shampoo(torch.optim.Optimizer):
         - ``step``, ``num_blocks`` (of all parameters), ``num_block_stacks``.
         - ``world_size``, ``rank``, ``owned_blocks``: with data parallelism (SPEC 5) a
           rank holds the state of its ``owned_blocks`` only; then every entry except
-          ``step``, ``num_blocks`` and ``nonfinite_grad_skips`` is this rank's alone.
+          ``step``, ``num_blocks`` and the ``*_grad_skips`` is this rank's alone.
         """
         plans = [p for p in self._plans if p is not None]
         residual, age, state_bytes, blocks, stacks, in_flight = 0.0, 0, 0, 0, 0, 0
@@ -530,8 +528,8 @@ class Shampoo(torch.optim.Optimizer):
         index (strings), never by rank: per parameter, ``"blocks"`` holds the blocks this
         rank owns (all without data parallelism), so the ranks' union is the whole state
         at any world size; of the counters only the rank-independent
-        ``nonfinite_grad_skips``. Allocates what a first step would, so that it is also
-        the template DCP loads into. Tensors are copies; roots computed but not yet in
+        ``nonfinite_grad_skips`` and ``overflow_grad_skips``. Allocates what a first step
+        would, so that it is also the template DCP loads into. Tensors are copies; roots computed but not yet in
         use are one opaque ``bytes`` entry per block. See :mod:`.distributed`."""
         self._wait_for_roots()
         state, offset = {}, 0
@@ -548,7 +546,7 @@ class Shampoo(torch.optim.Optimizer):
             offset += len(group["params"])
         return {"format": SHARDED_FORMAT, "state": state,
                 "param_groups": saved_groups(self.param_groups),
-                "counters": {"nonfinite_grad_skips": self._counters["nonfinite_grad_skips"]}}
+                "counters": {name: self._counters[name] for name in RANK_FREE_COUNTERS}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores :meth:`state_dict`'s or :meth:`sharded_state_dict`'s output
@@ -577,7 +575,7 @@ class Shampoo(torch.optim.Optimizer):
         self._wait_for_roots()
         state = super().__getstate__()
         state.update(foreach=self.foreach, _plans=self._plans, _counters=self._counters,
-                     _warned_nonfinite=self._warned_nonfinite, _roots=self._roots,
+                     _warned=self._warned, _roots=self._roots,
                      _data_parallel=self._data_parallel)
         return state
 
@@ -599,6 +597,27 @@ class Shampoo(torch.optim.Optimizer):
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+def _unusable_params(plan: _GroupPlan, gathered: list[_Gathered],
+                     config: ShampooConfig) -> Skips:
+    """The parameters whose gradient blocks are NaN/Inf or overflow the state when
+    squared (:mod:`.gradient_screen`)."""
+    present = [(stack, batch) for stack, batch in zip(plan.stacks, gathered)
+               if batch.blocks is not None]
+    rows_ok = screen_rows([batch.blocks for _, batch in present],
+                          [largest_norm(stack.work_dtype, config.factor_dtype)
+                           for stack, _ in present])
+    skips = Skips()
+    if usable(rows_ok):
+        return skips
+    for (stack, batch), ok in zip(present, rows_ok):
+        finite = rows_finite(batch.blocks)
+        for j in (~ok).nonzero().flatten().tolist():
+            param = stack.members[batch.rows[j]][0]
+            (skips.overflow if bool(finite[j]) else skips.nonfinite).add(param)
+    skips.overflow -= skips.nonfinite  # a parameter with a NaN block counts as NaN
+    return skips
 
 
 def _gather(stack: BlockStack, pieces: list[_Piece],

@@ -160,7 +160,7 @@ def test_sharded_state_dict_resumes_bitwise_and_has_every_block(single, halfway)
     entries = sharded["state"]
     assert all(isinstance(k, str) for k in entries)
     assert sum(len(e["blocks"]) for e in entries.values()) == opt.metrics()["num_blocks"]
-    assert sharded["counters"] == {"nonfinite_grad_skips": 0}
+    assert sharded["counters"] == {"nonfinite_grad_skips": 0, "overflow_grad_skips": 0}
     resumed = copy.deepcopy(model)
     fresh = Shampoo(workers.param_groups(resumed))
     fresh.load_state_dict(copy.deepcopy(sharded))

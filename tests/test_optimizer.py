@@ -250,7 +250,9 @@ def _feed(params, opt, steps, gen, poison=None, drop=None):
         for i, (p, g) in enumerate(zip(params, grads)):
             p.grad = g
             if poison and (t, i) in poison:
-                p.grad = g.clone().fill_(float("nan")) if poison[(t, i)] == "nan" else None
+                kind = poison[(t, i)]
+                p.grad = (g.clone().fill_(float("nan")) if kind == "nan" else
+                          g * 1e30 if kind == "huge" else None)
         opt.step()
 
 
@@ -397,18 +399,40 @@ def test_closure_and_parameters_without_grad():
     assert torch.equal(frozen, before)
 
 
-def test_huge_finite_gradient_is_not_mistaken_for_nonfinite():
-    """The cheap NaN/Inf test sums each block; a finite gradient whose sum overflows
-    float32 must still be used, not skipped."""
+def test_the_largest_gradient_the_state_can_square_is_used():
+    """The screen's limit is the block norm whose square float32 holds (1.8e19): a
+    gradient just below it is used, and the state stays finite."""
     param = torch.nn.Parameter(torch.zeros(4, 3))
     opt = Shampoo([param], lr=1e-3, betas=(0.0, 0.999), grafting="sgd",
                   start_preconditioning_step=100)
-    param.grad = torch.full((4, 3), 3e38)
+    param.grad = torch.full((4, 3), 5e18)  # norm 1.7e19
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step()
-    assert opt.metrics()["nonfinite_grad_skips"] == 0
-    assert torch.equal(param, torch.full((4, 3), 3e38) * -1e-3)
+    metrics = opt.metrics()
+    assert metrics["nonfinite_grad_skips"] == metrics["overflow_grad_skips"] == 0
+    assert torch.equal(param, torch.full((4, 3), 5e18) * -1e-3)
+    factors = opt.state_dict()["state"][0]["blocks"][0]["factors"]
+    assert all(torch.isfinite(f).all() for f in factors)
+
+
+@pytest.mark.parametrize("preconditioner", ["shampoo", "eigenvalue_corrected"])
+def test_a_gradient_too_large_to_square_skips_the_parameter_and_keeps_its_state(
+        preconditioner):
+    """A gradient of 1e30 (squared: Inf in float32) would make the factors and second
+    moments Inf for good; it is skipped like a missing gradient, warned and counted."""
+    options = dict(lr=0.02, precondition_frequency=2, preconditioner=preconditioner)
+    huge_params, none_params = _three_same_shape(), _three_same_shape()
+    opt_huge, opt_none = Shampoo(huge_params, **options), Shampoo(none_params, **options)
+    with pytest.warns(RuntimeWarning, match="squares overflow the optimizer state's dtype"):
+        _feed(huge_params, opt_huge, 6, torch.Generator().manual_seed(1),
+              poison={(3, 1): "huge"})
+    _feed(none_params, opt_none, 6, torch.Generator().manual_seed(1), poison={(3, 1): None})
+    for a, b in zip(huge_params, none_params):
+        assert torch.equal(a, b)
+    metrics = opt_huge.metrics()
+    assert metrics["overflow_grad_skips"] == 1 and metrics["nonfinite_grad_skips"] == 0
+    assert metrics["root_failures"] == 0
 
 
 def test_newton_exponent_it_cannot_serve_fails_before_the_first_step():
