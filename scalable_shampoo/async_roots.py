@@ -258,14 +258,20 @@ class RootScheduler:
             future = stack.pending.future if stack.pending is not None else None
             return future is not None and future.done() and future.exception() is not None
 
-        if not any(failed(stack) for stack in stacks):
-            return
+        if any(failed(stack) for stack in stacks):
+            self.wait_all(stacks)
+
+    def wait_all(self, stacks: Sequence[RootWork]) -> None:
+        """Waits for the pending work of every stack; if some failed (each failed task is
+        dropped), raises the first failure once, with a note counting the others."""
         errors = []
         for stack in stacks:
             try:
                 self.wait(stack)
             except Exception as error:  # noqa: PERF203 - the error path only
                 errors.append(error)
+        if not errors:
+            return
         if len(errors) > 1:
             errors[0].add_note(f"Shampoo: {len(errors) - 1} more block stack(s) failed the "
                                "same way; their roots in use were kept too.")

@@ -581,22 +581,58 @@ class Shampoo(torch.optim.Optimizer):
 
     # --------------------------------------------------------------------- lifecycle
     def _wait_for_roots(self) -> None:
-        for plan in self._plans:
-            for stack in plan.stacks if plan is not None else ():
-                self._roots.wait(stack)
+        self._roots.wait_all([stack for plan in self._plans if plan is not None
+                              for stack in plan.stacks])
 
     def close(self) -> None:
         """Stops the background root workers (``async_roots``). Roots in flight are
         waited for and kept, so the optimizer stays usable: a later root step starts
-        the workers again."""
-        self._wait_for_roots()
-        self._roots.close()
+        the workers again. If background computations failed, the workers are stopped
+        all the same and one error is raised (the failed work is dropped, the roots in
+        use are kept): a second ``close()`` raises nothing."""
+        try:
+            self._wait_for_roots()
+        finally:
+            self._roots.close()
 
     def __enter__(self) -> "Shampoo":
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, exc: BaseException | None, traceback: Any) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:  # leaving on the user's exception: it stays the one raised
+            self.close()
+        except Exception as error:
+            exc.add_note(f"Shampoo.close() on leaving the with block also failed: "
+                         f"{type(error).__name__}: {error}")
+
+    def __repr__(self) -> str:
+        """As ``torch.optim``'s, with the values in effect for the hyperparameters left to
+        their defaults (None): ``grafting``, ``precondition_1d``,
+        ``start_preconditioning_step``, ``root_delay``, ``factor_beta``."""
+        lines = [f"{type(self).__name__} ("]
+        for index, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {index}")
+            values = _effective_values(group, self._roots.asynchronous)
+            lines += [f"    {key}: {values[key]!r}" for key in sorted(values)]
+        return "\n".join(lines + [")"])
+
+
+def _effective_values(group: dict[str, Any], asynchronous: bool) -> dict[str, Any]:
+    """A param group's hyperparameters with every None default resolved (as they are,
+    should the group hold an invalid value: :meth:`Shampoo.step` will name it)."""
+    values = {key: value for key, value in group.items() if key != "params"}
+    try:
+        config = ShampooConfig.from_group(group)
+        delay = resolve_root_delay(config, asynchronous)
+    except (ValueError, TypeError):
+        return values
+    values.update(grafting=config.grafting, precondition_1d=config.precondition_1d,
+                  start_preconditioning_step=config.preconditioning_start,
+                  root_delay=delay, factor_beta=config.factor_ema)
+    return values
 
 
 def _unusable_params(plan: _GroupPlan, gathered: list[_Gathered],

@@ -484,3 +484,22 @@ def test_channels_last_parameters_match_contiguous_ones():
     assert not channels_last.is_contiguous()
     assert torch.equal(channels_last, plain)
     assert opt_plain.metrics()["root_computations"] > 0
+
+
+def test_repr_shows_the_values_in_effect():
+    param = torch.nn.Parameter(torch.randn(3, 2))
+    other = torch.nn.Parameter(torch.randn(4))
+    opt = Shampoo([{"params": [param]},
+                   {"params": [other], "preconditioner": "eigenvalue_corrected"}],
+                  precondition_frequency=10)
+    groups = repr(opt).split("Parameter Group ")[1:]
+    assert len(groups) == 2
+    for text, grafting, one_d, start in [(groups[0], "'adam'", "True", "10"),
+                                         (groups[1], "'none'", "False", "1")]:
+        assert f"    grafting: {grafting}\n" in text
+        assert f"    precondition_1d: {one_d}\n" in text
+        assert f"    start_preconditioning_step: {start}\n" in text
+        assert "    root_delay: 0\n" in text and "    factor_beta: 0.999\n" in text
+        assert "None" not in text
+    opt.param_groups[0]["grafting"] = "bogus"  # invalid: shown as it is, step names it
+    assert "grafting: 'bogus'" in repr(opt)
