@@ -10,9 +10,12 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
-from typing import Any, Callable, Iterable, Mapping, ParamSpec, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, ParamSpec, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from .config import ShampooConfig
 
 _BETA1 = ("use betas=(beta1, beta2): beta1 is the momentum, an EMA of the update direction, "
           "m <- beta1 m + (1 - beta1) d (its dampening is 1 - beta1); nesterov=True for "
@@ -148,3 +151,12 @@ def check_lr_fits(lr: float, weight_decay: float, step_factor: float,
                 f"lr must be at most {limit:.3g} for the {dtype} parameters of param group "
                 f"{group_index} (the step size lr / (1 - beta1^t), up to {step_factor:.3g} "
                 f"lr, and lr * weight_decay must be finite in {dtype}), got {lr!r}")
+
+
+def check_group_lr(config: "ShampooConfig", params: Sequence[torch.Tensor],
+                   group_index: int) -> None:
+    """:func:`check_lr_fits` for a param group's hyperparameters."""
+    weight_decay = config.weight_decay if config.decoupled_weight_decay else 0.0
+    check_lr_fits(config.lr, weight_decay,
+                  largest_step_factor(config.betas, config.bias_correction), params,
+                  group_index)

@@ -1,4 +1,4 @@
-"""Root computations scheduled with a delay, optionally on background workers (SPEC 4).
+"""Root computations scheduled with a delay, optionally on background workers.
 
 The paper's heterogeneous design: the accelerator keeps training while the host CPU
 computes inverse roots, and training uses the previous roots until the new ones arrive.
@@ -261,21 +261,22 @@ class RootScheduler:
         if any(failed(stack) for stack in stacks):
             self.wait_all(stacks)
 
-    def wait_all(self, stacks: Sequence[RootWork]) -> None:
-        """Waits for the pending work of every stack; if some failed (each failed task is
-        dropped), raises the first failure once, with a note counting the others."""
-        errors = []
+    def wait_all(self, stacks: Sequence[RootWork]) -> float:
+        """Waits for the pending work of every stack; returns the seconds waited. If some
+        failed (each failed task is dropped), raises the first failure once, with a note
+        counting the others."""
+        errors, seconds = [], 0.0
         for stack in stacks:
             try:
-                self.wait(stack)
+                seconds += self.wait(stack)
             except Exception as error:  # noqa: PERF203 - the error path only
                 errors.append(error)
-        if not errors:
-            return
         if len(errors) > 1:
             errors[0].add_note(f"Shampoo: {len(errors) - 1} more block stack(s) failed the "
                                "same way; their roots in use were kept too.")
-        raise errors[0]
+        if errors:
+            raise errors[0]
+        return seconds
 
 
 # ------------------------------------------------------------------- checkpoints

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from .preconditioner import BlockStack
 
 
 @dataclass
@@ -79,3 +82,23 @@ def screen_whole(grads: Sequence[torch.Tensor], limits: Sequence[float]) -> list
     return ["ok" if norm <= limit else
             "overflow" if bool(torch.isfinite(g).all()) else "nonfinite"
             for g, norm, limit in zip(grads, norms.tolist(), limits)]
+
+
+def unusable_params(gathered: Sequence[tuple["BlockStack", list[int], torch.Tensor | None]],
+                    factor_dtype: torch.dtype) -> Skips:
+    """The parameters (of one param group) to skip, given per block stack its gradient
+    blocks and the stack rows they belong to (``blocks`` None: no gradient)."""
+    present = [(stack, rows, blocks) for stack, rows, blocks in gathered if blocks is not None]
+    rows_ok = screen_rows([blocks for _, _, blocks in present],
+                          [largest_norm(stack.work_dtype, factor_dtype)
+                           for stack, _, _ in present])
+    skips = Skips()
+    if usable(rows_ok):
+        return skips
+    for (stack, rows, blocks), ok in zip(present, rows_ok):
+        finite = rows_finite(blocks)
+        for j in (~ok).nonzero().flatten().tolist():
+            param = stack.members[rows[j]][0]
+            (skips.overflow if bool(finite[j]) else skips.nonfinite).add(param)
+    skips.overflow -= skips.nonfinite  # a parameter with a NaN block counts as NaN
+    return skips

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .argument_checks import (check_dense, check_dense_grads, check_group_keys,
-                              check_lr_fits, explain_unknown_keywords, largest_step_factor)
+                              check_group_lr, explain_unknown_keywords)
 from .async_roots import RootEvents, RootScheduler, resolve_root_delay
 from .blocking import BlockLayout, BlockRegion, block_layout, block_regions, region_view
 from .config import STRUCTURAL_FIELDS, ShampooConfig
@@ -25,9 +25,10 @@ from .distributed import DataParallel, Exchange
 from .eigenvalue_corrected import (EigenvalueCorrectedStack, basis_metrics,
                                    eigenvalue_corrected_direction_)
 from .grafting import graft, graft_direction_
-from .gradient_screen import Skips, largest_norm, rows_finite, screen_rows, usable
+from .gradient_screen import Skips, unusable_params
 from .matrix_functions import newton_fraction
 from .preconditioner import BlockStack, StackState
+from .step_journal import StepJournal
 from .state_dicts import (SHARDED_FORMAT, STATE_FORMAT, block_state, check_state_dict,
                           restore_blocks, saved_groups)
 # Counters that are the same on every rank (decided on whole gradients, agreed).
@@ -37,7 +38,7 @@ STACK_TYPES = {"shampoo": BlockStack, "eigenvalue_corrected": EigenvalueCorrecte
 
 def momentum_direction_(momentum: torch.Tensor | None, direction: torch.Tensor,
                         config: ShampooConfig, step: int) -> tuple[torch.Tensor, float]:
-    """SPEC 2.5: ``m <- beta1 m + (1 - beta1) P``; returns ``(v, scale)`` with
+    """Momentum: ``m <- beta1 m + (1 - beta1) P``; returns ``(v, scale)`` with
     ``u = scale * v`` equal to ``m_hat`` or, with Nesterov, ``beta1 m_hat + (1 - beta1) P``
     (``P`` itself when ``beta1 == 0``). The scalar bias correction is returned, not
     applied, so that it folds into the learning rate instead of costing a pass; with
@@ -169,35 +170,89 @@ def _check_newton_exponents(plan: _GroupPlan, config: ShampooConfig, index: int)
                     f"{config.exponent_multiplier}: {error}") from None
 
 
-def _check_lr(config: ShampooConfig, params: list[torch.Tensor], index: int) -> None:
-    wd = config.weight_decay if config.decoupled_weight_decay else 0.0
-    check_lr_fits(config.lr, wd, largest_step_factor(config.betas, config.bias_correction),
-                  params, index)
-
-
 class Shampoo(torch.optim.Optimizer):
     """Shampoo: a Kronecker-factored preconditioner per (block of a) parameter.
 
-    See ``SPEC.md`` section 2 for the algorithm and :class:`ShampooConfig` for every
-    hyperparameter's meaning, range and default; each may also be set per param group.
+    Each parameter is cut into blocks (dimensions above ``block_size`` split, small
+    adjacent ones merged). For a block with ``k`` preconditioned dimensions the optimizer
+    keeps, per dimension ``i``, a factor ``S_i`` (``d_i x d_i``): an EMA of ``G_(i)
+    G_(i)^T``, the gradient unfolded along that dimension. Every
+    ``precondition_frequency`` steps it computes the inverse roots ``S_i^(-1/(2k))``
+    (regularized by ``epsilon``); the step direction is the gradient multiplied by each
+    root along its dimension, then rescaled, block by block, to the norm of a first-order
+    method's direction (*grafting*, Adam's by default, so learning rates are on Adam's
+    scale). Momentum and decoupled weight decay follow: ``p <- p - lr (m_hat + wd p)``.
+    With ``preconditioner="eigenvalue_corrected"`` (SOAP) Adam runs in the factors'
+    eigenbases instead. Non-finite gradients, and gradients too large to square in the
+    state's dtype, skip their parameter's step (counted in :meth:`metrics`).
+
+    Every hyperparameter may also be set per param group, as in ``torch.optim``. The common
+    ones are below; :class:`ShampooConfig` describes all of them (the rest:
+    ``statistics_frequency``, ``grafting_beta2``, ``root_method``, ``root_dtype``,
+    ``factor_dtype``, ``exponent_multiplier``, ``nesterov``, ``bias_correction``,
+    ``decoupled_weight_decay``, ``newton_max_iterations``, ``newton_tolerance``,
+    ``root_failure_threshold``, ``eigenbasis_method``, ``basis_refresh_tolerance``,
+    ``factor_beta``, ``precondition_1d``) with its range and default. Bad values raise a
+    ``ValueError`` or ``TypeError`` naming the argument, at construction or at the next
+    ``step()`` (before anything changes).
 
     Args:
         params: parameters or param groups, as for any ``torch.optim`` optimizer.
+        lr: step size, >= 0, in parameter units per unit of the (grafted) direction: with
+            the default Adam grafting, an AdamW learning rate is a good start. A float or
+            a one-element tensor (schedulers update it in place). Default 1e-3.
+        betas: ``(beta1, beta2)``: ``beta1`` in [0, 1) the momentum, an EMA of the step
+            direction (0: none; ``torch.optim.SGD``'s ``momentum``); ``beta2`` in (0, 1]
+            the EMA of the factors (1: their running sum). Default (0.9, 0.999).
+        epsilon: > 0, the factors' eigenvalue regularization (see :class:`ShampooConfig`
+            for its units and default). Not AdamW's ``eps``: that is ``grafting_epsilon``.
+        weight_decay: >= 0, per step, decoupled as in AdamW (``p -= lr * wd * p``) unless
+            ``decoupled_weight_decay=False``. Default 0.
+        block_size: >= 1, the largest block dimension, in elements: larger dimensions are
+            split into chunks of ``block_size`` (Meta's DistributedShampoo calls it
+            ``max_preconditioner_dim``). A factor costs ``block_size^2`` memory and its
+            root ``block_size^3`` time. Default 1024.
+        max_preconditioned_dim: >= 1, elements; a (merged) dimension larger than this
+            gets no factor at all (e.g. a large vocabulary). Default 8192.
+        precondition_frequency: >= 1, steps between root recomputations. Default 100.
+        start_preconditioning_step: >= 1, the first step (counted from 1) that uses roots;
+            before it the grafting method's direction is used. None (default):
+            ``precondition_frequency`` ("shampoo"), 1 ("eigenvalue_corrected").
+        grafting: "none", "sgd", "adagrad", "rmsprop" or "adam": the method whose
+            per-block step norm the preconditioned direction takes. None (default):
+            "adam" ("shampoo"), "none" ("eigenvalue_corrected").
+        grafting_epsilon: > 0, the denominator guard of adagrad/rmsprop/adam grafting, in
+            gradient units (AdamW's ``eps``). Default 1e-8.
+        preconditioner: "shampoo" or "eigenvalue_corrected" (SOAP). Default "shampoo".
+        adam_epsilon: > 0, "eigenvalue_corrected" only: Adam's ``eps`` in the
+            eigenbases, in gradient units. Default 1e-8.
+        root_delay: >= 0 steps between the statistics a root is computed from and its
+            use (the same trajectory with or without ``async_roots``). None (default): 0,
+            or ``max(1, precondition_frequency // 2)`` with ``async_roots``.
         foreach: stack equal-shape blocks and run batched kernels (default). False runs
             one block at a time through the reference kernels: slow, for testing.
         async_roots: compute inverse roots on background CPU worker threads while
-            training continues (SPEC 4); they go into use ``root_delay`` steps after the
-            statistics they were computed from, exactly as in the synchronous optimizer
-            with the same ``root_delay``. Call :meth:`close` (or use the optimizer as a
-            context manager) to stop the workers early; they also stop when the optimizer
-            is garbage collected. Default False.
+            training continues (:mod:`.async_roots`); they go into use ``root_delay``
+            steps after the statistics they were computed from, exactly as in the
+            synchronous optimizer with the same ``root_delay``. Call :meth:`close` (or use
+            the optimizer as a context manager) to stop the workers early; they also stop
+            when the optimizer is garbage collected. Default False.
         root_workers: worker threads for ``async_roots`` (each runs one intra-op thread).
             None: half the cores, at most 4.
         distributed: when ``torch.distributed`` is initialized (before the optimizer is
             built) with more than one process, share the preconditioner work over its
-            ranks (SPEC 5, :mod:`.distributed`); False keeps every block on every rank.
+            ranks (:mod:`.distributed`); False keeps every block on every rank.
             Default True.
         process_group: the group to share over; None: the default group.
+
+    Example::
+
+        optimizer = Shampoo(model.parameters(), lr=1e-3, weight_decay=1e-4,
+                            block_size=512, precondition_frequency=50)
+        for batch in loader:
+            optimizer.zero_grad()
+            loss_fn(model(batch)).backward()
+            optimizer.step()
     """
 
     @explain_unknown_keywords
@@ -266,7 +321,7 @@ class Shampoo(torch.optim.Optimizer):
                     raise TypeError(f"Shampoo optimizes real floating-point parameters, got "
                                     f"a parameter of dtype {param.dtype}")
             check_dense(group["params"], index)
-            _check_lr(config, group["params"], index)
+            check_group_lr(config, group["params"], index)
         except (ValueError, TypeError):
             self.param_groups.pop()
             raise
@@ -297,7 +352,8 @@ class Shampoo(torch.optim.Optimizer):
     # -------------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Performs one optimization step (SPEC 2.2-2.5) for every param group."""
+        """Performs one optimization step for every param group: all or nothing (if it
+        raises, no parameter or state has changed; see :mod:`.step_journal`)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -309,20 +365,48 @@ class Shampoo(torch.optim.Optimizer):
             configs = [ShampooConfig.from_group(group) for group in self.param_groups]
             check_dense_grads(self.param_groups)
             for index, (group, config) in enumerate(zip(self.param_groups, configs)):
-                _check_lr(config, group["params"], index)
+                check_group_lr(config, group["params"], index)
             delays = [resolve_root_delay(config, self._roots.asynchronous) for config in configs]
             plans = [self._plan(index, config) for index, config in enumerate(configs)]
             self._roots.raise_failures([stack for plan in plans for stack in plan.stacks])
-            for group, config, plan, delay in zip(self.param_groups, configs, plans, delays):
-                self._step_group(group, config, plan, delay)
+            journal = self._journal(configs, plans)
+            try:
+                for index, (group, config, plan, delay) in enumerate(
+                        zip(self.param_groups, configs, plans, delays)):
+                    self._step_group(group, config, plan, delay, journal)
+                    if journal is not None:
+                        journal.group_done(index)
+            except BaseException:
+                if journal is not None:
+                    journal.restore()
+                raise
         except Exception as error:
             if self._data_parallel is not None:  # join what the other ranks wait in
                 self._data_parallel.abort(error)
             raise
         return loss
 
+    def _journal(self, configs: list[ShampooConfig],
+                 plans: list[_GroupPlan]) -> StepJournal | None:
+        """What makes this step all-or-nothing (:mod:`.step_journal`): with background
+        roots, waiting now for every result the step will use (a failed one raises
+        before anything changed); without, a journal when a group computes roots."""
+        due = [[stack for stack in plan.stacks if stack.dims and (
+                config.is_root_step(plan.step + 1) or (
+                    stack.pending is not None and stack.pending.activates_at <= plan.step + 1))]
+               for config, plan in zip(configs, plans)]
+        if self._roots.asynchronous:
+            self._counters["root_wait_seconds"] += self._roots.wait_all(
+                [stack for stacks in due for stack in stacks])
+            return None
+        root_groups = [index for index, (config, plan) in enumerate(zip(configs, plans))
+                       if config.is_root_step(plan.step + 1) and due[index]]
+        if not root_groups:
+            return None
+        return StepJournal(self._counters, self._warned, last_root_group=root_groups[-1])
+
     def _step_group(self, group: dict[str, Any], config: ShampooConfig,
-                    plan: _GroupPlan, delay: int) -> None:
+                    plan: _GroupPlan, delay: int, journal: StepJournal | None) -> None:
         params = group["params"]
         grads = [p.grad for p in params]
         skips = Skips()
@@ -330,6 +414,8 @@ class Shampoo(torch.optim.Optimizer):
             grads, skips = self._data_parallel.agree(plan.exchange, grads, params, config)
         if all(g is None for g in grads):
             return
+        if journal is not None:
+            journal.keep_value(plan, "step")
         plan.step += 1
         step = plan.step
         if config.weight_decay and not config.decoupled_weight_decay:
@@ -340,7 +426,8 @@ class Shampoo(torch.optim.Optimizer):
         gathered = [_gather(stack, pieces, merged)
                     for stack, pieces in zip(plan.stacks, plan.pieces)]
         if plan.exchange is None:
-            skips = _unusable_params(plan, gathered, config)
+            skips = unusable_params([(stack, batch.rows, batch.blocks) for stack, batch
+                                     in zip(plan.stacks, gathered)], config.factor_dtype)
         self._note_skips(skips, step)
         bad = skips.all()
         if bad:  # rare: gather again without them, so no state of theirs is touched
@@ -351,6 +438,8 @@ class Shampoo(torch.optim.Optimizer):
         updates: dict[int, list[tuple[BlockRegion, torch.Tensor]]] = {}
         scale = 1.0  # the momentum's bias correction: the same for every stack of a group
         for stack, batch in zip(plan.stacks, gathered):
+            if journal is not None:
+                journal.keep_stack(stack)
             result = self._stack_direction(stack, batch.rows, batch.blocks, config, step,
                                            delay)
             if result is None:
@@ -364,6 +453,8 @@ class Shampoo(torch.optim.Optimizer):
         if plan.exchange is not None:  # every rank gets every block's u = scale v
             updates, scale = self._data_parallel.gather(
                 plan.exchange, updates, scale, [m is not None for m in merged]), 1.0
+        if journal is not None:
+            journal.keep_params([params[pi] for pi in updates])
         _apply(params, plan.layouts, updates, config, scale)
 
     def _note_skips(self, skips: Skips, step: int) -> None:
@@ -388,8 +479,8 @@ class Shampoo(torch.optim.Optimizer):
                          delay: int) -> tuple[torch.Tensor, float] | None:
         """Statistics, roots, grafting and momentum for the active ``rows`` of a stack;
         returns their update directions ``u`` as ``(v, scale)``, ``u = scale * v``
-        (SPEC 2.2-2.5), or None without active rows. Roots launched at a root step go
-        into use ``delay`` steps later (SPEC 4). Overwrites ``blocks``."""
+        or None without active rows. Roots launched at a root step go
+        into use ``delay`` steps later (:mod:`.async_roots`). Overwrites ``blocks``."""
         stack.ensure_buffers(config)
         everyone = len(rows) == len(stack.members)
         selection = None if everyone else torch.tensor(rows, dtype=torch.long)
@@ -432,8 +523,8 @@ class Shampoo(torch.optim.Optimizer):
                                         selection: torch.Tensor | None, blocks: torch.Tensor,
                                         config: ShampooConfig, step: int
                                         ) -> tuple[torch.Tensor, float]:
-        """SPEC 2.6 for a stack's active rows (``selection``; None: all rows): Adam in
-        the factors' eigenbases, whose first moment replaces the momentum of 2.5."""
+        """The eigenvalue-corrected step for a stack's active rows (``selection``; None: all rows): Adam in
+        the factors' eigenbases, whose first moment replaces the momentum."""
         update, scale = eigenvalue_corrected_direction_(stack, state, blocks, config, step)
         if selection is not None:
             stack.state.assign(selection, state)
@@ -441,7 +532,7 @@ class Shampoo(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------------- metrics
     def metrics(self) -> dict[str, float]:
-        """Flat diagnostics (SPEC 6). Counters are totals since construction:
+        """Flat diagnostics. Counters are totals since construction:
 
         - ``root_computations``: inverse roots computed (one per factor and refresh;
           eigenvalue-corrected blocks: basis refreshes, done or skipped).
@@ -466,7 +557,7 @@ class Shampoo(torch.optim.Optimizer):
           of eigenvalue-corrected blocks recomputed, skipped (``basis_refresh_tolerance``)
           and rejected (NaN/Inf; the previous basis stayed in use).
         - ``step``, ``num_blocks`` (of all parameters), ``num_block_stacks``.
-        - ``world_size``, ``rank``, ``owned_blocks``: with data parallelism (SPEC 5) a
+        - ``world_size``, ``rank``, ``owned_blocks``: with data parallelism (:mod:`.distributed`) a
           rank holds the state of its ``owned_blocks`` only; then every entry except
           ``step``, ``num_blocks`` and the ``*_grad_skips`` is this rank's alone.
         """
@@ -633,27 +724,6 @@ def _effective_values(group: dict[str, Any], asynchronous: bool) -> dict[str, An
                   start_preconditioning_step=config.preconditioning_start,
                   root_delay=delay, factor_beta=config.factor_ema)
     return values
-
-
-def _unusable_params(plan: _GroupPlan, gathered: list[_Gathered],
-                     config: ShampooConfig) -> Skips:
-    """The parameters whose gradient blocks are NaN/Inf or overflow the state when
-    squared (:mod:`.gradient_screen`)."""
-    present = [(stack, batch) for stack, batch in zip(plan.stacks, gathered)
-               if batch.blocks is not None]
-    rows_ok = screen_rows([batch.blocks for _, batch in present],
-                          [largest_norm(stack.work_dtype, config.factor_dtype)
-                           for stack, _ in present])
-    skips = Skips()
-    if usable(rows_ok):
-        return skips
-    for (stack, batch), ok in zip(present, rows_ok):
-        finite = rows_finite(batch.blocks)
-        for j in (~ok).nonzero().flatten().tolist():
-            param = stack.members[batch.rows[j]][0]
-            (skips.overflow if bool(finite[j]) else skips.nonfinite).add(param)
-    skips.overflow -= skips.nonfinite  # a parameter with a NaN block counts as NaN
-    return skips
 
 
 def _gather(stack: BlockStack, pieces: list[_Piece],
