@@ -1,4 +1,4 @@
-"""Validated hyperparameters of the Shampoo optimizer (SPEC sections 2 and 3).
+"""Validated hyperparameters of the Shampoo optimizer: meaning, range and default.
 
 Every field may also be set per parameter group, as in ``torch.optim``; each group's
 values are validated through :meth:`ShampooConfig.from_group` at construction and on
@@ -132,8 +132,8 @@ class ShampooConfig:
         newton_tolerance: > 0, Newton stops once ``max|M - I|`` is below it. Default 1e-6.
         root_failure_threshold: > 0; a root whose residual exceeds it is rejected and
             the previous root stays in use. Default 0.1.
-        preconditioner: "shampoo" (inverse roots of the Kronecker factors, SPEC 2.3-2.5)
-            or "eigenvalue_corrected" (Adam in the factors' eigenbases, SOAP, SPEC 2.6;
+        preconditioner: "shampoo" (inverse roots of the Kronecker factors)
+            or "eigenvalue_corrected" (Adam in the factors' eigenbases, SOAP, :mod:`.eigenvalue_corrected`;
             ``epsilon``, ``root_method``, ``exponent_multiplier``, ``newton_*`` and
             ``root_failure_threshold`` do not apply to it). Default "shampoo".
         eigenbasis_method: eigenvalue_corrected only: how a factor's eigenbasis is

@@ -1,4 +1,4 @@
-"""Data-parallel Shampoo over ``torch.distributed`` (SPEC 5).
+"""Data-parallel Shampoo over ``torch.distributed``.
 
 Every rank holds the whole model and, after the data-parallel all-reduce, the whole
 gradient. The preconditioner work is split instead of repeated: each block is owned by

@@ -1,4 +1,4 @@
-"""Eigenvalue-corrected Shampoo (SOAP, Vyas et al. 2024; SPEC 2.6): Adam run in the
+"""Eigenvalue-corrected Shampoo (SOAP, Vyas et al. 2024): Adam run in the
 eigenbases of the Kronecker factors.
 
 The blocks, factor statistics, batching of equal-shape blocks, NaN guard and state
@@ -22,7 +22,7 @@ Conventions and choices (the closing note of issue 6 discusses them):
   eigenvectors, by decreasing eigenvalue) in the work dtype; the identity until the first
   basis. Rotating into the bases is ``x x_i U_i^T``, i.e. :func:`~.preconditioner.precondition`
   with ``U_i``; rotating back uses ``U_i^T``.
-- The first moment is stored rotated, ``m' = m x_i U_i^T``. SPEC 2.6 keeps ``m`` in
+- The first moment is stored rotated, ``m' = m x_i U_i^T``. SOAP as published keeps ``m`` in
   parameter space and rotates it every step; since the rotation is linear and changes
   only at refreshes, rotating the stored ``m'`` by ``C_i = U_old^T U_new`` when a basis
   changes gives the same ``m'`` with one rotation per step fewer.
@@ -170,7 +170,7 @@ class BasisRecord(RootRecord):
 
 
 class EigenvalueCorrectedStack(BlockStack):
-    """A block stack whose root work refreshes the factors' eigenbases (SPEC 2.6).
+    """A block stack whose root work refreshes the factors' eigenbases.
 
     Its state holds the bases in ``roots``, the rotated first moment in ``momentum``
     and the rotated second moment in ``second_moment``; its record is a
@@ -291,7 +291,7 @@ class EigenvalueCorrectedStack(BlockStack):
 def eigenvalue_corrected_direction_(stack: EigenvalueCorrectedStack, state: StackState,
                                     grads: torch.Tensor, config: ShampooConfig,
                                     step: int) -> tuple[torch.Tensor, float]:
-    """SPEC 2.6 for the rows of ``state`` (the stack's state or a selection of it) with
+    """The eigenvalue-corrected step for the rows of ``state`` (the stack's state or a selection of it) with
     gradient blocks ``grads``: returns ``(P, scale)``, the update ``u = scale * P``.
 
     ``g' = g x_i U_i^T``; ``m' <- beta1 m' + (1 - beta1) g'``;
@@ -299,7 +299,7 @@ def eigenvalue_corrected_direction_(stack: EigenvalueCorrectedStack, state: Stac
     ``d' = m_hat' / (sqrt(v_hat) + adam_epsilon)`` (with Nesterov the numerator is
     ``beta1 m_hat' + (1 - beta1) g'``); ``P = d' x_i U_i``. The first moment's bias
     correction is returned as ``scale`` (it folds into the step size). With grafting,
-    ``P`` takes per block the norm of the grafting direction of ``g`` (SPEC 2.4, which
+    ``P`` takes per block the norm of the grafting direction of ``g`` (:mod:`.grafting`, which
     holds no momentum), and ``scale`` is 1. Updates ``state`` in place; ``grads`` is
     left as it is."""
     beta1, beta2 = config.betas

@@ -1,4 +1,4 @@
-"""Layer-wise grafting (SPEC 2.4): the Shampoo direction takes, per block, the norm of
+"""Layer-wise grafting: the Shampoo direction takes, per block, the norm of
 a first-order method's direction. Functions work on stacked blocks ``(N, *shape)``.
 
 The grafting methods keep no first moment: momentum is applied once, to the grafted

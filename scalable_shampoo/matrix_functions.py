@@ -1,4 +1,4 @@
-"""Inverse p-th roots of symmetric positive semi-definite matrices (SPEC 2.3).
+"""Inverse p-th roots of symmetric positive semi-definite matrices.
 
 All functions take a batch ``(..., n, n)`` and return ``(A + epsilon I)^(-exponent)``
 for every matrix of the batch, together with a per-matrix residual that says how far

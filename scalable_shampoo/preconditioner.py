@@ -1,5 +1,4 @@
-"""Kronecker-factor statistics and inverse roots for stacks of equal-shape blocks
-(SPEC 2.2-2.4).
+"""Kronecker-factor statistics and inverse roots for stacks of equal-shape blocks.
 
 Blocks of one shape (and dtype and device) are stacked along a leading dimension, so
 one ``torch.bmm`` / batched ``eigh`` serves them all and the per-step Python work grows

@@ -503,3 +503,24 @@ def test_repr_shows_the_values_in_effect():
         assert "None" not in text
     opt.param_groups[0]["grafting"] = "bogus"  # invalid: shown as it is, step names it
     assert "grafting: 'bogus'" in repr(opt)
+
+
+COMMON_ARGUMENTS = ["lr", "betas", "epsilon", "weight_decay", "block_size",
+                    "max_preconditioned_dim", "precondition_frequency",
+                    "start_preconditioning_step", "grafting", "grafting_epsilon",
+                    "preconditioner", "adam_epsilon", "root_delay"]
+
+
+def test_help_documents_the_common_arguments_and_names_the_rest():
+    import inspect
+    import re
+
+    doc = inspect.getdoc(Shampoo)
+    documented = set(re.findall(r"^    (\w+): ", doc, flags=re.M))
+    assert set(COMMON_ARGUMENTS) <= documented
+    for name in set(COMMON_ARGUMENTS) - {"epsilon"}:  # epsilon defers to ShampooConfig
+        entry = re.search(rf"^    {name}: (.*?)(?=^    \w+: |\Z)", doc, flags=re.M | re.S)
+        assert "Default" in entry.group(1) or "default" in entry.group(1), name
+    assert "ShampooConfig" in doc
+    for name in inspect.signature(Shampoo).parameters:  # the rest at least by name
+        assert f"``{name}``" in doc or name in documented, name

@@ -27,3 +27,13 @@ def test_wheel_ships_the_py_typed_marker(tmp_path):
     name = wheel.stdout.strip().splitlines()[-1]
     files = zipfile.ZipFile(tmp_path / "dist" / name).namelist()
     assert "scalable_shampoo/py.typed" in files
+
+
+def test_the_docs_users_see_are_self_contained():
+    """Docstrings and help texts refer to no document outside the package (there was a
+    SPEC.md that users never get)."""
+    offenders = [f"{path.relative_to(ROOT)}:{number}"
+                 for path in sorted((ROOT / "scalable_shampoo").rglob("*.py"))
+                 for number, line in enumerate(path.read_text().splitlines(), 1)
+                 if "SPEC" in line]
+    assert offenders == []
