@@ -132,10 +132,11 @@ class ShampooConfig:
         newton_tolerance: > 0, Newton stops once ``max|M - I|`` is below it. Default 1e-6.
         root_failure_threshold: > 0; a root whose residual exceeds it is rejected and
             the previous root stays in use. Default 0.1.
-        preconditioner: "shampoo" (inverse roots of the Kronecker factors)
-            or "eigenvalue_corrected" (Adam in the factors' eigenbases, SOAP, :mod:`.eigenvalue_corrected`;
-            ``epsilon``, ``root_method``, ``exponent_multiplier``, ``newton_*`` and
-            ``root_failure_threshold`` do not apply to it). Default "shampoo".
+        preconditioner: "shampoo" (inverse roots of the Kronecker factors) or
+            "eigenvalue_corrected" (Adam in the factors' eigenbases, SOAP, see
+            :mod:`.eigenvalue_corrected`; ``epsilon``, ``root_method``,
+            ``exponent_multiplier``, ``newton_*`` and ``root_failure_threshold`` do not
+            apply to it). Default "shampoo".
         eigenbasis_method: eigenvalue_corrected only: how a factor's eigenbasis is
             refreshed after the first one (always "eigh"): "eigh" (recomputed) or "qr"
             (one power step ``S U`` and a QR decomposition, warm-started from the

@@ -291,8 +291,9 @@ class EigenvalueCorrectedStack(BlockStack):
 def eigenvalue_corrected_direction_(stack: EigenvalueCorrectedStack, state: StackState,
                                     grads: torch.Tensor, config: ShampooConfig,
                                     step: int) -> tuple[torch.Tensor, float]:
-    """The eigenvalue-corrected step for the rows of ``state`` (the stack's state or a selection of it) with
-    gradient blocks ``grads``: returns ``(P, scale)``, the update ``u = scale * P``.
+    """The eigenvalue-corrected step for the rows of ``state`` (the stack's state or a
+    selection of it) with gradient blocks ``grads``: returns ``(P, scale)``, the update
+    ``u = scale * P``.
 
     ``g' = g x_i U_i^T``; ``m' <- beta1 m' + (1 - beta1) g'``;
     ``v <- beta2 v + (1 - beta2) g'^2`` (``v += g'^2`` for ``beta2 == 1``);

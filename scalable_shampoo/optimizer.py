@@ -303,8 +303,7 @@ class Shampoo(torch.optim.Optimizer):
         self._plans: list[_GroupPlan | None] = []
         self._counters = {"root_computations": 0, "root_failures": 0,
                           "nonfinite_grad_skips": 0, "overflow_grad_skips": 0,
-                          "root_seconds": 0.0,
-                          "root_wait_seconds": 0.0}
+                          "root_seconds": 0.0, "root_wait_seconds": 0.0}
         self._warned: set[str] = set()  # the causes of skipped steps warned about
         super().__init__(params, defaults)
 
@@ -479,8 +478,8 @@ class Shampoo(torch.optim.Optimizer):
                          delay: int) -> tuple[torch.Tensor, float] | None:
         """Statistics, roots, grafting and momentum for the active ``rows`` of a stack;
         returns their update directions ``u`` as ``(v, scale)``, ``u = scale * v``
-        or None without active rows. Roots launched at a root step go
-        into use ``delay`` steps later (:mod:`.async_roots`). Overwrites ``blocks``."""
+        or None without active rows. Roots launched at a root step go into use ``delay``
+        steps later (:mod:`.async_roots`). Overwrites ``blocks``."""
         stack.ensure_buffers(config)
         everyone = len(rows) == len(stack.members)
         selection = None if everyone else torch.tensor(rows, dtype=torch.long)
@@ -523,8 +522,9 @@ class Shampoo(torch.optim.Optimizer):
                                         selection: torch.Tensor | None, blocks: torch.Tensor,
                                         config: ShampooConfig, step: int
                                         ) -> tuple[torch.Tensor, float]:
-        """The eigenvalue-corrected step for a stack's active rows (``selection``; None: all rows): Adam in
-        the factors' eigenbases, whose first moment replaces the momentum."""
+        """The eigenvalue-corrected step for a stack's active rows (``selection``; None:
+        all rows): Adam in the factors' eigenbases, whose first moment replaces the
+        momentum."""
         update, scale = eigenvalue_corrected_direction_(stack, state, blocks, config, step)
         if selection is not None:
             stack.state.assign(selection, state)
@@ -557,9 +557,10 @@ class Shampoo(torch.optim.Optimizer):
           of eigenvalue-corrected blocks recomputed, skipped (``basis_refresh_tolerance``)
           and rejected (NaN/Inf; the previous basis stayed in use).
         - ``step``, ``num_blocks`` (of all parameters), ``num_block_stacks``.
-        - ``world_size``, ``rank``, ``owned_blocks``: with data parallelism (:mod:`.distributed`) a
-          rank holds the state of its ``owned_blocks`` only; then every entry except
-          ``step``, ``num_blocks`` and the ``*_grad_skips`` is this rank's alone.
+        - ``world_size``, ``rank``, ``owned_blocks``: with data parallelism
+          (:mod:`.distributed`) a rank holds the state of its ``owned_blocks`` only; then
+          every entry except ``step``, ``num_blocks`` and the ``*_grad_skips`` is this
+          rank's alone.
         """
         plans = [p for p in self._plans if p is not None]
         residual, age, state_bytes, blocks, stacks, in_flight = 0.0, 0, 0, 0, 0, 0
@@ -620,8 +621,9 @@ class Shampoo(torch.optim.Optimizer):
         rank owns (all without data parallelism), so the ranks' union is the whole state
         at any world size; of the counters only the rank-independent
         ``nonfinite_grad_skips`` and ``overflow_grad_skips``. Allocates what a first step
-        would, so that it is also the template DCP loads into. Tensors are copies; roots computed but not yet in
-        use are one opaque ``bytes`` entry per block. See :mod:`.distributed`."""
+        would, so that it is also the template DCP loads into. Tensors are copies; roots
+        computed but not yet in use are one opaque ``bytes`` entry per block. See
+        :mod:`.distributed`."""
         self._wait_for_roots()
         state, offset = {}, 0
         for gi, group in enumerate(self.param_groups):
