@@ -351,8 +351,10 @@ class Shampoo(torch.optim.Optimizer):
     # -------------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Performs one optimization step for every param group: all or nothing (if it
-        raises, no parameter or state has changed; see :mod:`.step_journal`)."""
+        """Performs one optimization step for every param group, all or nothing: bad
+        hyperparameters and sparse gradients are refused before anything changes, and a
+        root computation that raises leaves every parameter and state as it was (see
+        :mod:`.step_journal`)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -671,6 +673,14 @@ class Shampoo(torch.optim.Optimizer):
                      _warned=self._warned, _roots=self._roots,
                      _data_parallel=self._data_parallel)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A pickle of an earlier version: one warning flag and no overflow counter.
+        state = dict(state)
+        warned = state.pop("_warned_nonfinite", False)
+        state.setdefault("_warned", {"nonfinite"} if warned else set())
+        super().__setstate__(state)
+        self._counters.setdefault("overflow_grad_skips", 0)
 
     # --------------------------------------------------------------------- lifecycle
     def _wait_for_roots(self) -> None:

@@ -154,3 +154,15 @@ def test_a_sparse_gradient_at_step_fails_before_any_group_is_touched():
         opt.step()
     assert isinstance(error.value, RuntimeError)  # what torch.optim raises for it
     assert_same_state(opt, before)
+
+
+def test_every_name_the_hints_recommend_is_an_argument_of_ours():
+    import re
+
+    from scalable_shampoo.argument_checks import FOREIGN_NAMES
+
+    ours = set(inspect.signature(Shampoo).parameters)
+    for foreign, hint in FOREIGN_NAMES.items():
+        assert foreign not in ours, foreign
+        for recommended in re.findall(r"\buse (\w+)", hint):
+            assert recommended in ours, (foreign, recommended)

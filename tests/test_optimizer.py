@@ -524,3 +524,23 @@ def test_help_documents_the_common_arguments_and_names_the_rest():
     assert "ShampooConfig" in doc
     for name in inspect.signature(Shampoo).parameters:  # the rest at least by name
         assert f"``{name}``" in doc or name in documented, name
+
+
+def test_a_pickle_of_the_previous_version_unpickles_with_the_new_counter():
+    import pickle
+
+    param = torch.nn.Parameter(torch.randn(4, 3))
+    opt = Shampoo([param], lr=0.01)
+    param.grad = torch.randn(4, 3)
+    opt.step()
+    old = opt.__getstate__()  # as the previous version pickled it
+    old.pop("_warned")
+    old["_warned_nonfinite"] = True
+    old["_counters"] = {k: v for k, v in old["_counters"].items() if k != "overflow_grad_skips"}
+    copy_ = Shampoo.__new__(Shampoo)
+    copy_.__setstate__(pickle.loads(pickle.dumps(old)))
+    param_copy = copy_.param_groups[0]["params"][0]
+    param_copy.grad = torch.randn(4, 3) * 1e30
+    with pytest.warns(RuntimeWarning, match="squares overflow"):
+        copy_.step()
+    assert copy_.metrics()["overflow_grad_skips"] == 1
