@@ -19,7 +19,7 @@ import torch
 from .async_roots import RootEvents, RootScheduler, resolve_root_delay
 from .blocking import BlockLayout, BlockRegion, block_layout, block_regions, region_view
 from .config import STRUCTURAL_FIELDS, ShampooConfig
-from .distributed import DataParallel, Exchange
+from .distributed import DataParallel, Description, Exchange
 from .eigenvalue_corrected import (EigenvalueCorrectedStack, basis_metrics,
                                    eigenvalue_corrected_direction_)
 from .grafting import graft, graft_direction_
@@ -45,6 +45,20 @@ def momentum_direction_(momentum: torch.Tensor | None, direction: torch.Tensor,
     if config.nesterov:
         return direction.mul_(1 - beta1).add_(momentum, alpha=beta1 / correction), 1.0
     return momentum, 1.0 / correction
+
+
+def update_scale(config: ShampooConfig, step: int) -> float:
+    """The ``scale`` of ``u = scale * v`` that every stack of a group returns with its
+    directions ``v`` (:func:`momentum_direction_`, ``eigenvalue_corrected_direction_``):
+    the first moment's bias correction ``1 / (1 - beta1^step)`` where ``v`` is the raw
+    first moment, else 1 (no momentum or bias correction, Nesterov, the eigenvalue-
+    corrected variant with grafting). A function of the config and the step, so that
+    with data parallelism a rank that owns no block of the group knows it too."""
+    beta1 = config.betas[0]
+    grafted_ec = config.preconditioner == "eigenvalue_corrected" and config.grafting != "none"
+    if beta1 == 0.0 or not config.bias_correction or config.nesterov or grafted_ec:
+        return 1.0
+    return 1.0 / (1 - beta1**step)
 
 
 @dataclass(frozen=True)
@@ -85,6 +99,11 @@ class _GroupPlan:
 
 def _structure(config: ShampooConfig) -> tuple:
     return tuple(getattr(config, name) for name in STRUCTURAL_FIELDS)
+
+
+def _described(fields: dict[str, Any]) -> list[tuple[str, str]]:
+    # repr: exact for floats, and what the ranks compare (DataParallel.check).
+    return [(name, repr(value)) for name, value in fields.items()]
 
 
 def _work_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -237,6 +256,9 @@ class Shampoo(torch.optim.Optimizer):
                           "nonfinite_grad_skips": 0, "root_seconds": 0.0,
                           "root_wait_seconds": 0.0}
         self._warned_nonfinite = False
+        # Whether the ranks were found to agree on the structure (DataParallel.check).
+        self._ranks_agree = False
+        self._described_configs: tuple[list[ShampooConfig], Description] | None = None
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ param groups
@@ -253,6 +275,7 @@ class Shampoo(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         self._plans.append(None)
+        self._ranks_agree = False
 
     def _plan(self, index: int, config: ShampooConfig) -> _GroupPlan:
         params = self.param_groups[index]["params"]
@@ -284,36 +307,72 @@ class Shampoo(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._data_parallel is not None:
-            self._data_parallel.begin_step([len(g["params"]) for g in self.param_groups])
+        data_parallel = self._data_parallel
+        if data_parallel is not None:
+            data_parallel.begin_step([len(g["params"]) for g in self.param_groups],
+                                     check=not self._ranks_agree)
         try:
             # Validate every group before touching any, so a bad value leaves no partial step.
             configs = [ShampooConfig.from_group(group) for group in self.param_groups]
             delays = [resolve_root_delay(config, self._roots.asynchronous) for config in configs]
+            if data_parallel is not None:  # the same on every rank, or ValueError on every rank
+                structure = None if self._ranks_agree else self._structure_description(configs)
+                data_parallel.check(structure, self._values_description(configs))
+                self._ranks_agree = True
             plans = [self._plan(index, config) for index, config in enumerate(configs)]
             self._roots.raise_failures([stack for plan in plans for stack in plan.stacks])
             for group, config, plan, delay in zip(self.param_groups, configs, plans, delays):
                 self._step_group(group, config, plan, delay)
         except Exception as error:
-            if self._data_parallel is not None:  # join what the other ranks wait in
-                self._data_parallel.abort(error)
+            if data_parallel is not None:  # join what the other ranks wait in
+                data_parallel.abort(error)
             raise
         return loss
+
+    def _values_description(self, configs: list[ShampooConfig]) -> Description:
+        """Every group's hyperparameters, for the per-step check: the same object while
+        they stay the same (its fingerprint is then not recomputed)."""
+        cached = self._described_configs
+        if cached is None or cached[0] != configs:
+            cached = self._described_configs = (configs,
+                                                [_described(c.as_dict()) for c in configs])
+        return cached[1]
+
+    def _structure_description(self, configs: list[ShampooConfig]) -> Description:
+        """Per group, what its plan and exchange are built from: the parameters' shapes
+        and dtypes, ``foreach`` and every hyperparameter."""
+        description = []
+        for group, config in zip(self.param_groups, configs):
+            params = group["params"]
+            shapes = {f"parameter {i}": f"{tuple(p.shape)} {p.dtype}"
+                      for i, p in enumerate(params)}
+            description.append([("number of parameters", str(len(params))),
+                                *shapes.items(), ("foreach", repr(self.foreach)),
+                                *_described(config.as_dict())])
+        return description
 
     def _step_group(self, group: dict[str, Any], config: ShampooConfig,
                     plan: _GroupPlan, delay: int) -> None:
         params = group["params"]
+        exchange = plan.exchange
+        apply = None
+        if exchange is not None:
+            # Whatever can fail in the apply (views, casts, buffers) is prepared before the
+            # agreement, which a rank that fails here joins as failed: then no rank has
+            # changed any state, and none can fail after the others applied the update.
+            exchange.allocate()
+            apply = _ApplyPlan.prepare(params, plan.layouts,
+                                       [(pi, region) for pi, region, _ in exchange.received])
         grads = [p.grad for p in params]
         nonfinite: set[int] = set()
-        if plan.exchange is not None:  # decided on whole gradients, the same on every rank
-            grads, nonfinite = self._data_parallel.agree(plan.exchange, grads, params, config)
-        if all(g is None for g in grads):
+        if exchange is not None:  # decided on whole gradients, the same on every rank
+            grads, nonfinite = self._data_parallel.agree(exchange, grads, params, config)
+        if all(g is None for g in grads) and not nonfinite:
             return
         for g in grads:
             if g is not None and g.is_sparse:
                 raise RuntimeError("Shampoo does not support sparse gradients")
-        plan.step += 1
-        step = plan.step
+        step = plan.step + 1
         if config.weight_decay and not config.decoupled_weight_decay:
             grads = [None if g is None else g.add(p, alpha=config.weight_decay)
                      for g, p in zip(grads, params)]
@@ -321,30 +380,43 @@ class Shampoo(torch.optim.Optimizer):
                   for g, layout in zip(grads, plan.layouts)]
         gathered = [_gather(stack, pieces, merged)
                     for stack, pieces in zip(plan.stacks, plan.pieces)]
-        bad = nonfinite if plan.exchange is not None else self._nonfinite_params(plan, gathered)
-        self._note_skips(bad, step)
-        if bad:  # rare: gather again without them, so no state of theirs is touched
+        bad = nonfinite if exchange is not None else self._nonfinite_params(plan, gathered)
+        if bad and exchange is None:  # rare: gather again without them, so no state of
+            # theirs is touched (agree() already left them out of the exchange's grads)
             merged = [None if pi in bad else m for pi, m in enumerate(merged)]
             gathered = [_gather(stack, pieces, merged)
                         for stack, pieces in zip(plan.stacks, plan.pieces)]
+        if apply is None:  # one process: the boxes present, before any state changes
+            apply = _ApplyPlan.prepare(params, plan.layouts,
+                                       [(piece.param, piece.region) for batch in gathered
+                                        for piece, _ in batch.placements])
+        plan.step = step
+        self._note_skips(bad, step)
 
-        updates: dict[int, list[tuple[BlockRegion, torch.Tensor]]] = {}
-        scale = 1.0  # the momentum's bias correction: the same for every stack of a group
+        scale = update_scale(config, step)
+        own: list[tuple[int, BlockRegion, torch.Tensor]] = []  # this rank's boxes' v
         for stack, batch in zip(plan.stacks, gathered):
             result = self._stack_direction(stack, batch.rows, batch.blocks, config, step,
                                            delay)
             if result is None:
                 continue
-            direction, scale = result
+            direction, stack_scale = result
+            if stack_scale != scale:
+                raise RuntimeError(f"internal: a block stack returned scale {stack_scale}, "
+                                   f"update_scale gives {scale}")
             for piece, position in batch.placements:
                 region = piece.region
                 update = direction[position:position + region.num_blocks]
-                updates.setdefault(piece.param, []).append(
-                    (region, update.view((*region.counts, *region.block_shape))))
-        if plan.exchange is not None:  # every rank gets every block's u = scale v
-            updates, scale = self._data_parallel.gather(
-                plan.exchange, updates, scale, [m is not None for m in merged]), 1.0
-        _apply(params, plan.layouts, updates, config, scale)
+                own.append((piece.param, region,
+                            update.view((*region.counts, *region.block_shape))))
+        if exchange is None:
+            directions: list[torch.Tensor | None] = [v for _, _, v in own]
+        else:  # every rank gets every block's v, in the boxes apply was prepared for
+            if any(g is not None for g in grads):
+                self._data_parallel.gather(exchange, own)
+            directions = [view if merged[pi] is not None else None
+                          for pi, _, view in exchange.received]
+        apply.run(directions, config, scale)
 
     def _nonfinite_params(self, plan: _GroupPlan, gathered: list[_Gathered]) -> set[int]:
         """The parameters whose gradient has NaN/Inf entries."""
@@ -556,6 +628,7 @@ class Shampoo(torch.optim.Optimizer):
             group.update({k: v for k, v in entry.items() if k != "params"})
         self._plans = plans
         self._counters.update(state_dict.get("counters", {}))
+        self._ranks_agree = False
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim pickles only defaults/state/param_groups; ours lives beside them.
@@ -564,6 +637,7 @@ class Shampoo(torch.optim.Optimizer):
         state = super().__getstate__()
         state.update(foreach=self.foreach, _plans=self._plans, _counters=self._counters,
                      _warned_nonfinite=self._warned_nonfinite, _roots=self._roots,
+                     _ranks_agree=self._ranks_agree, _described_configs=None,
                      _data_parallel=self._data_parallel)
         return state
 
@@ -612,27 +686,68 @@ def _gather(stack: BlockStack, pieces: list[_Piece],
     return _Gathered(rows, blocks, placements)
 
 
-def _apply(params: list[torch.Tensor], layouts: list[BlockLayout],
-           updates: dict[int, list[tuple[BlockRegion, torch.Tensor]]],
-           config: ShampooConfig, scale: float) -> None:
-    """``p <- p - lr * wd * p`` (decoupled) then ``p <- p - lr * scale * v`` for every
-    parameter in ``updates`` (its regions' blocks of ``v``), through region views."""
-    if not updates:
-        return
-    if config.weight_decay and config.decoupled_weight_decay:
-        torch._foreach_mul_([params[pi] for pi in updates], 1 - config.lr * config.weight_decay)
-    targets, deltas = [], []
-    for pi, pieces in updates.items():
-        param, shape = params[pi], layouts[pi].merged_shape
-        if param.is_contiguous():
-            merged = param.view(shape)
-            for region, update in pieces:
-                targets.append(region_view(merged, region))
-                deltas.append(update.to(param.dtype))
-        else:  # e.g. channels_last: assemble the update, then one add
-            full = torch.empty(shape, dtype=param.dtype, device=param.device)
-            for region, update in pieces:
-                region_view(full, region).copy_(update)
-            targets.append(param)
-            deltas.append(full.view(param.shape))
-    torch._foreach_add_(targets, deltas, alpha=-config.lr * scale)
+@dataclass
+class _ApplyPlan:
+    """Where the directions of one group's boxes go, prepared before the update is
+    computed: parameter views, cast and assembly buffers. What then runs (:meth:`run`) is
+    in-place arithmetic on tensors that exist already, the same on every rank, so that
+    it cannot fail on one rank only.
+
+    Attributes:
+        params: the group's parameters.
+        box_params: per box, its parameter's index.
+        copies: ``(box, buffer)``: the box's direction is copied into the buffer first
+            (cast to the parameter's dtype, or assembled for a non-contiguous parameter).
+        adds: ``(parameter index, target, delta)``: the target (a view of the parameter,
+            or the parameter) gets ``delta``, a buffer of ``copies`` or a box's index
+            (that box's direction as it is).
+    """
+
+    params: list[torch.Tensor]
+    box_params: list[int]
+    copies: list[tuple[int, torch.Tensor]]
+    adds: list[tuple[int, torch.Tensor, torch.Tensor | int]]
+
+    @classmethod
+    def prepare(cls, params: list[torch.Tensor], layouts: list[BlockLayout],
+                boxes: list[tuple[int, BlockRegion]]) -> "_ApplyPlan":
+        """For the directions of ``boxes`` (``(parameter index, region)``, in order)."""
+        plan = cls(params, [pi for pi, _ in boxes], [], [])
+        assembled: dict[int, torch.Tensor] = {}
+        for box, (pi, region) in enumerate(boxes):
+            param, shape = params[pi], layouts[pi].merged_shape
+            if not param.is_contiguous():  # e.g. channels_last: assemble, then one add
+                if pi not in assembled:
+                    assembled[pi] = torch.empty(shape, dtype=param.dtype, device=param.device)
+                    plan.adds.append((pi, param, assembled[pi].view(param.shape)))
+                plan.copies.append((box, region_view(assembled[pi], region)))
+                continue
+            target = region_view(param.view(shape), region)
+            if param.dtype == _work_dtype(param.dtype):
+                plan.adds.append((pi, target, box))
+            else:  # low precision: the direction is rounded to it, then added
+                cast = torch.empty(target.shape, dtype=param.dtype, device=param.device)
+                plan.copies.append((box, cast))
+                plan.adds.append((pi, target, cast))
+        return plan
+
+    def run(self, directions: list[torch.Tensor | None], config: ShampooConfig,
+            scale: float) -> None:
+        """``p <- p - lr * wd * p`` (decoupled) then ``p <- p - lr * scale * v`` for the
+        parameters whose boxes have directions (``directions[box]``, None: the parameter
+        is skipped). The scale folds into the step size: the same ops, and so the same
+        rounding, in one process and on every rank."""
+        present = dict.fromkeys(pi for pi, d in zip(self.box_params, directions)
+                                if d is not None)
+        if not present:
+            return
+        if config.weight_decay and config.decoupled_weight_decay:
+            torch._foreach_mul_([self.params[pi] for pi in present],
+                                1 - config.lr * config.weight_decay)
+        for box, buffer in self.copies:
+            if directions[box] is not None:
+                buffer.copy_(directions[box])
+        adds = [(target, directions[delta] if isinstance(delta, int) else delta)
+                for pi, target, delta in self.adds if pi in present]
+        torch._foreach_add_([t for t, _ in adds], [d for _, d in adds],
+                            alpha=-config.lr * scale)
