@@ -204,7 +204,8 @@ class Shampoo(torch.optim.Optimizer):
         distributed: when ``torch.distributed`` is initialized (before the optimizer is
             built) with more than one process, share the preconditioner work over its
             ranks (SPEC 5, :mod:`.distributed`); False keeps every block on every rank.
-            Default True.
+            Every rank must then have the same param groups and hyperparameters (checked:
+            ``ValueError`` on every rank). Default True.
         process_group: the group to share over; None: the default group.
     """
 
