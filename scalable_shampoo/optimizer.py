@@ -10,6 +10,7 @@ to parameters.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -102,8 +103,17 @@ def _structure(config: ShampooConfig) -> tuple:
 
 
 def _described(fields: dict[str, Any]) -> list[tuple[str, str]]:
-    # repr: exact for floats, and what the ranks compare (DataParallel.check).
-    return [(name, repr(value)) for name, value in fields.items()]
+    """``(name, repr)`` per field, what the ranks compare (DataParallel.check): repr is
+    exact for floats; numbers are made Python ints and floats first, so that equal values
+    of other types (numpy's) compare equal."""
+    def canonical(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return tuple(canonical(v) for v in value)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return value
+        return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+    return [(name, repr(canonical(value))) for name, value in fields.items()]
 
 
 def _work_dtype(param_dtype: torch.dtype) -> torch.dtype:

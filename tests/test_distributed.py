@@ -146,6 +146,16 @@ def test_first_difference_names_the_group_and_fields_with_their_ranks():
     assert len(digests) == 2 and all(0 <= d < 2**62 for d in digests)
 
 
+def test_equal_values_of_other_number_types_describe_the_same():
+    import numpy as np
+
+    from scalable_shampoo.optimizer import _described
+    assert _described({"lr": np.float64(0.01), "block_size": np.int64(8),
+                       "betas": (np.float32(0.5), 0.999), "nesterov": True}) == _described(
+        {"lr": 0.01, "block_size": 8, "betas": (0.5, 0.999), "nesterov": True})
+    assert _described({"lr": 0.01}) != _described({"lr": 0.010000000000000002})
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One intra-op thread, as each spawned rank has: the tiny models here only lose
