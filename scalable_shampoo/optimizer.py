@@ -10,6 +10,7 @@ to parameters.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -21,7 +22,7 @@ from .argument_checks import (check_dense, check_dense_grads, check_group_keys,
 from .async_roots import RootEvents, RootScheduler, resolve_root_delay
 from .blocking import BlockLayout, BlockRegion, block_layout, block_regions, region_view
 from .config import STRUCTURAL_FIELDS, ShampooConfig
-from .distributed import DataParallel, Exchange
+from .distributed import DataParallel, Description, Exchange
 from .eigenvalue_corrected import (EigenvalueCorrectedStack, basis_metrics,
                                    eigenvalue_corrected_direction_)
 from .grafting import graft, graft_direction_
@@ -51,6 +52,20 @@ def momentum_direction_(momentum: torch.Tensor | None, direction: torch.Tensor,
     if config.nesterov:
         return direction.mul_(1 - beta1).add_(momentum, alpha=beta1 / correction), 1.0
     return momentum, 1.0 / correction
+
+
+def update_scale(config: ShampooConfig, step: int) -> float:
+    """The ``scale`` of ``u = scale * v`` that every stack of a group returns with its
+    directions ``v`` (:func:`momentum_direction_`, ``eigenvalue_corrected_direction_``):
+    the first moment's bias correction ``1 / (1 - beta1^step)`` where ``v`` is the raw
+    first moment, else 1 (no momentum or bias correction, Nesterov, the eigenvalue-
+    corrected variant with grafting). A function of the config and the step, so that
+    with data parallelism a rank that owns no block of the group knows it too."""
+    beta1 = config.betas[0]
+    grafted_ec = config.preconditioner == "eigenvalue_corrected" and config.grafting != "none"
+    if beta1 == 0.0 or not config.bias_correction or config.nesterov or grafted_ec:
+        return 1.0
+    return 1.0 / (1 - beta1**step)
 
 
 @dataclass(frozen=True)
@@ -91,6 +106,20 @@ class _GroupPlan:
 
 def _structure(config: ShampooConfig) -> tuple:
     return tuple(getattr(config, name) for name in STRUCTURAL_FIELDS)
+
+
+def _described(fields: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(name, repr)`` per field, what the ranks compare (DataParallel.check): repr is
+    exact for floats; numbers are made Python ints and floats first, so that equal values
+    of other types (numpy's) compare equal."""
+    def canonical(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return tuple(canonical(v) for v in value)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return value
+        return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+    return [(name, repr(canonical(value))) for name, value in fields.items()]
 
 
 def _work_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -242,7 +271,8 @@ class Shampoo(torch.optim.Optimizer):
         distributed: when ``torch.distributed`` is initialized (before the optimizer is
             built) with more than one process, share the preconditioner work over its
             ranks (:mod:`.distributed`); False keeps every block on every rank.
-            Default True.
+            Every rank must then have the same param groups and hyperparameters (checked:
+            ``ValueError`` on every rank). Default True.
         process_group: the group to share over; None: the default group.
 
     Example::
@@ -305,6 +335,9 @@ class Shampoo(torch.optim.Optimizer):
                           "nonfinite_grad_skips": 0, "overflow_grad_skips": 0,
                           "root_seconds": 0.0, "root_wait_seconds": 0.0}
         self._warned: set[str] = set()  # the causes of skipped steps warned about
+        # Whether the ranks were found to agree on the structure (DataParallel.check).
+        self._ranks_agree = False
+        self._described_configs: tuple[list[ShampooConfig], Description] | None = None
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ param groups
@@ -325,6 +358,7 @@ class Shampoo(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         self._plans.append(None)
+        self._ranks_agree = False
 
     def _plan(self, index: int, config: ShampooConfig) -> _GroupPlan:
         params = self.param_groups[index]["params"]
@@ -359,8 +393,10 @@ class Shampoo(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._data_parallel is not None:
-            self._data_parallel.begin_step([len(g["params"]) for g in self.param_groups])
+        data_parallel = self._data_parallel
+        if data_parallel is not None:
+            data_parallel.begin_step([len(g["params"]) for g in self.param_groups],
+                                     check=not self._ranks_agree)
         try:
             # Validate every group before touching any, so a bad value leaves no partial step.
             configs = [ShampooConfig.from_group(group) for group in self.param_groups]
@@ -368,6 +404,10 @@ class Shampoo(torch.optim.Optimizer):
             for index, (group, config) in enumerate(zip(self.param_groups, configs)):
                 check_group_lr(config, group["params"], index)
             delays = [resolve_root_delay(config, self._roots.asynchronous) for config in configs]
+            if data_parallel is not None:  # the same on every rank, or ValueError on every rank
+                structure = None if self._ranks_agree else self._structure_description(configs)
+                data_parallel.check(structure, self._values_description(configs))
+                self._ranks_agree = True
             plans = [self._plan(index, config) for index, config in enumerate(configs)]
             self._roots.raise_failures([stack for plan in plans for stack in plan.stacks])
             journal = self._journal(configs, plans)
@@ -382,8 +422,8 @@ class Shampoo(torch.optim.Optimizer):
                     journal.restore()
                 raise
         except Exception as error:
-            if self._data_parallel is not None:  # join what the other ranks wait in
-                self._data_parallel.abort(error)
+            if data_parallel is not None:  # join what the other ranks wait in
+                data_parallel.abort(error)
             raise
         return loss
 
@@ -406,19 +446,47 @@ class Shampoo(torch.optim.Optimizer):
             return None
         return StepJournal(self._counters, self._warned, last_root_group=root_groups[-1])
 
+    def _values_description(self, configs: list[ShampooConfig]) -> Description:
+        """Every group's hyperparameters, for the per-step check: the same object while
+        they stay the same (its fingerprint is then not recomputed)."""
+        cached = self._described_configs
+        if cached is None or cached[0] != configs:
+            cached = self._described_configs = (configs,
+                                                [_described(c.as_dict()) for c in configs])
+        return cached[1]
+
+    def _structure_description(self, configs: list[ShampooConfig]) -> Description:
+        """Per group, what its plan and exchange are built from: the parameters' shapes
+        and dtypes, ``foreach`` and every hyperparameter."""
+        description = []
+        for group, config in zip(self.param_groups, configs):
+            params = group["params"]
+            shapes = {f"parameter {i}": f"{tuple(p.shape)} {p.dtype}"
+                      for i, p in enumerate(params)}
+            description.append([("number of parameters", str(len(params))),
+                                *shapes.items(), ("foreach", repr(self.foreach)),
+                                *_described(config.as_dict())])
+        return description
+
     def _step_group(self, group: dict[str, Any], config: ShampooConfig,
                     plan: _GroupPlan, delay: int, journal: StepJournal | None) -> None:
         params = group["params"]
+        exchange = plan.exchange
+        apply = None
+        if exchange is not None:
+            # Whatever can fail in the apply (views, casts, buffers) is prepared before the
+            # agreement, which a rank that fails here joins as failed: then no rank has
+            # changed any state, and none can fail after the others applied the update.
+            exchange.allocate()
+            apply = _ApplyPlan.prepare(params, plan.layouts,
+                                       [(pi, region) for pi, region, _ in exchange.received])
         grads = [p.grad for p in params]
         skips = Skips()
-        if plan.exchange is not None:  # decided on whole gradients, the same on every rank
-            grads, skips = self._data_parallel.agree(plan.exchange, grads, params, config)
-        if all(g is None for g in grads):
+        if exchange is not None:  # decided on whole gradients, the same on every rank
+            grads, skips = self._data_parallel.agree(exchange, grads, params, config)
+        if all(g is None for g in grads) and not skips.all():
             return
-        if journal is not None:
-            journal.keep_value(plan, "step")
-        plan.step += 1
-        step = plan.step
+        step = plan.step + 1
         if config.weight_decay and not config.decoupled_weight_decay:
             grads = [None if g is None else g.add(p, alpha=config.weight_decay)
                      for g, p in zip(grads, params)]
@@ -426,18 +494,26 @@ class Shampoo(torch.optim.Optimizer):
                   for g, layout in zip(grads, plan.layouts)]
         gathered = [_gather(stack, pieces, merged)
                     for stack, pieces in zip(plan.stacks, plan.pieces)]
-        if plan.exchange is None:
+        if exchange is None:
             skips = unusable_params([(stack, batch.rows, batch.blocks) for stack, batch
                                      in zip(plan.stacks, gathered)], config.factor_dtype)
-        self._note_skips(skips, step)
         bad = skips.all()
-        if bad:  # rare: gather again without them, so no state of theirs is touched
+        if bad and exchange is None:  # rare: gather again without them, so no state of
+            # theirs is touched (agree() already left them out of the exchange's grads)
             merged = [None if pi in bad else m for pi, m in enumerate(merged)]
             gathered = [_gather(stack, pieces, merged)
                         for stack, pieces in zip(plan.stacks, plan.pieces)]
+        if apply is None:  # one process: the boxes present, before any state changes
+            apply = _ApplyPlan.prepare(params, plan.layouts,
+                                       [(piece.param, piece.region) for batch in gathered
+                                        for piece, _ in batch.placements])
+        if journal is not None:
+            journal.keep_value(plan, "step")
+        plan.step = step
+        self._note_skips(skips, step)
 
-        updates: dict[int, list[tuple[BlockRegion, torch.Tensor]]] = {}
-        scale = 1.0  # the momentum's bias correction: the same for every stack of a group
+        scale = update_scale(config, step)
+        own: list[tuple[int, BlockRegion, torch.Tensor]] = []  # this rank's boxes' v
         for stack, batch in zip(plan.stacks, gathered):
             if journal is not None:
                 journal.keep_stack(stack)
@@ -445,18 +521,25 @@ class Shampoo(torch.optim.Optimizer):
                                            delay)
             if result is None:
                 continue
-            direction, scale = result
+            direction, stack_scale = result
+            if stack_scale != scale:
+                raise RuntimeError(f"internal: a block stack returned scale {stack_scale}, "
+                                   f"update_scale gives {scale}")
             for piece, position in batch.placements:
                 region = piece.region
                 update = direction[position:position + region.num_blocks]
-                updates.setdefault(piece.param, []).append(
-                    (region, update.view((*region.counts, *region.block_shape))))
-        if plan.exchange is not None:  # every rank gets every block's u = scale v
-            updates, scale = self._data_parallel.gather(
-                plan.exchange, updates, scale, [m is not None for m in merged]), 1.0
+                own.append((piece.param, region,
+                            update.view((*region.counts, *region.block_shape))))
+        if exchange is None:
+            directions: list[torch.Tensor | None] = [v for _, _, v in own]
+        else:  # every rank gets every block's v, in the boxes apply was prepared for
+            if any(g is not None for g in grads):
+                self._data_parallel.gather(exchange, own)
+            directions = [view if merged[pi] is not None else None
+                          for pi, _, view in exchange.received]
         if journal is not None:
-            journal.keep_params([params[pi] for pi in updates])
-        _apply(params, plan.layouts, updates, config, scale)
+            journal.keep_params(apply.updated_params(directions))
+        apply.run(directions, config, scale)
 
     def _note_skips(self, skips: Skips, step: int) -> None:
         """Counts the parameters skipped for NaN/Inf or overflowing gradients (each cause
@@ -663,6 +746,7 @@ class Shampoo(torch.optim.Optimizer):
             group.update({k: v for k, v in entry.items() if k != "params"})
         self._plans = plans
         self._counters.update(state_dict.get("counters", {}))
+        self._ranks_agree = False
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim pickles only defaults/state/param_groups; ours lives beside them.
@@ -671,6 +755,7 @@ class Shampoo(torch.optim.Optimizer):
         state = super().__getstate__()
         state.update(foreach=self.foreach, _plans=self._plans, _counters=self._counters,
                      _warned=self._warned, _roots=self._roots,
+                     _ranks_agree=self._ranks_agree, _described_configs=None,
                      _data_parallel=self._data_parallel)
         return state
 
@@ -679,6 +764,8 @@ class Shampoo(torch.optim.Optimizer):
         state = dict(state)
         warned = state.pop("_warned_nonfinite", False)
         state.setdefault("_warned", {"nonfinite"} if warned else set())
+        state.setdefault("_ranks_agree", False)
+        state.setdefault("_described_configs", None)
         super().__setstate__(state)
         self._counters.setdefault("overflow_grad_skips", 0)
 
@@ -763,27 +850,71 @@ def _gather(stack: BlockStack, pieces: list[_Piece],
     return _Gathered(rows, blocks, placements)
 
 
-def _apply(params: list[torch.Tensor], layouts: list[BlockLayout],
-           updates: dict[int, list[tuple[BlockRegion, torch.Tensor]]],
-           config: ShampooConfig, scale: float) -> None:
-    """``p <- p - lr * wd * p`` (decoupled) then ``p <- p - lr * scale * v`` for every
-    parameter in ``updates`` (its regions' blocks of ``v``), through region views."""
-    if not updates:
-        return
-    if config.weight_decay and config.decoupled_weight_decay:
-        torch._foreach_mul_([params[pi] for pi in updates], 1 - config.lr * config.weight_decay)
-    targets, deltas = [], []
-    for pi, pieces in updates.items():
-        param, shape = params[pi], layouts[pi].merged_shape
-        if param.is_contiguous():
-            merged = param.view(shape)
-            for region, update in pieces:
-                targets.append(region_view(merged, region))
-                deltas.append(update.to(param.dtype))
-        else:  # e.g. channels_last: assemble the update, then one add
-            full = torch.empty(shape, dtype=param.dtype, device=param.device)
-            for region, update in pieces:
-                region_view(full, region).copy_(update)
-            targets.append(param)
-            deltas.append(full.view(param.shape))
-    torch._foreach_add_(targets, deltas, alpha=-config.lr * scale)
+@dataclass
+class _ApplyPlan:
+    """Where the directions of one group's boxes go, prepared before the update is
+    computed: parameter views, cast and assembly buffers. What then runs (:meth:`run`) is
+    in-place arithmetic on tensors that exist already, the same on every rank, so that
+    it cannot fail on one rank only.
+
+    Attributes:
+        params: the group's parameters.
+        box_params: per box, its parameter's index.
+        copies: ``(box, buffer)``: the box's direction is copied into the buffer first
+            (cast to the parameter's dtype, or assembled for a non-contiguous parameter).
+        adds: ``(parameter index, target, delta)``: the target (a view of the parameter,
+            or the parameter) gets ``delta``, a buffer of ``copies`` or a box's index
+            (that box's direction as it is).
+    """
+
+    params: list[torch.Tensor]
+    box_params: list[int]
+    copies: list[tuple[int, torch.Tensor]]
+    adds: list[tuple[int, torch.Tensor, torch.Tensor | int]]
+
+    @classmethod
+    def prepare(cls, params: list[torch.Tensor], layouts: list[BlockLayout],
+                boxes: list[tuple[int, BlockRegion]]) -> "_ApplyPlan":
+        """For the directions of ``boxes`` (``(parameter index, region)``, in order)."""
+        plan = cls(params, [pi for pi, _ in boxes], [], [])
+        assembled: dict[int, torch.Tensor] = {}
+        for box, (pi, region) in enumerate(boxes):
+            param, shape = params[pi], layouts[pi].merged_shape
+            if not param.is_contiguous():  # e.g. channels_last: assemble, then one add
+                if pi not in assembled:
+                    assembled[pi] = torch.empty(shape, dtype=param.dtype, device=param.device)
+                    plan.adds.append((pi, param, assembled[pi].view(param.shape)))
+                plan.copies.append((box, region_view(assembled[pi], region)))
+                continue
+            target = region_view(param.view(shape), region)
+            if param.dtype == _work_dtype(param.dtype):
+                plan.adds.append((pi, target, box))
+            else:  # low precision: the direction is rounded to it, then added
+                cast = torch.empty(target.shape, dtype=param.dtype, device=param.device)
+                plan.copies.append((box, cast))
+                plan.adds.append((pi, target, cast))
+        return plan
+
+    def updated_params(self, directions: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        """The parameters :meth:`run` changes: those with a direction for their boxes."""
+        return [self.params[pi] for pi in dict.fromkeys(
+            pi for pi, d in zip(self.box_params, directions) if d is not None)]
+
+    def run(self, directions: list[torch.Tensor | None], config: ShampooConfig,
+            scale: float) -> None:
+        """``p <- p - lr * wd * p`` (decoupled) then ``p <- p - lr * scale * v`` for the
+        parameters whose boxes have directions (``directions[box]``, None: the parameter
+        is skipped). The scale folds into the step size: the same ops, and so the same
+        rounding, in one process and on every rank."""
+        present = self.updated_params(directions)
+        if not present:
+            return
+        if config.weight_decay and config.decoupled_weight_decay:
+            torch._foreach_mul_(present, 1 - config.lr * config.weight_decay)
+        for box, buffer in self.copies:
+            if directions[box] is not None:
+                buffer.copy_(directions[box])
+        adds = [(target, directions[delta] if isinstance(delta, int) else delta)
+                for pi, target, delta in self.adds if pi in present]
+        torch._foreach_add_([t for t, _ in adds], [d for _, d in adds],
+                            alpha=-config.lr * scale)
