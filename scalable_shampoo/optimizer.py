@@ -538,7 +538,7 @@ class Shampoo(torch.optim.Optimizer):
             directions = [view if merged[pi] is not None else None
                           for pi, _, view in exchange.received]
         if journal is not None:
-            journal.keep_params(apply.updated_params(directions))
+            journal.keep_params(list(apply.updated_params(directions).values()))
         apply.run(directions, config, scale)
 
     def _note_skips(self, skips: Skips, step: int) -> None:
@@ -895,10 +895,11 @@ class _ApplyPlan:
                 plan.adds.append((pi, target, cast))
         return plan
 
-    def updated_params(self, directions: list[torch.Tensor | None]) -> list[torch.Tensor]:
-        """The parameters :meth:`run` changes: those with a direction for their boxes."""
-        return [self.params[pi] for pi in dict.fromkeys(
-            pi for pi, d in zip(self.box_params, directions) if d is not None)]
+    def updated_params(self, directions: list[torch.Tensor | None]) -> dict[int, torch.Tensor]:
+        """The parameters :meth:`run` changes, by index: those with a direction for
+        their boxes."""
+        return {pi: self.params[pi] for pi, d in zip(self.box_params, directions)
+                if d is not None}
 
     def run(self, directions: list[torch.Tensor | None], config: ShampooConfig,
             scale: float) -> None:
@@ -910,7 +911,7 @@ class _ApplyPlan:
         if not present:
             return
         if config.weight_decay and config.decoupled_weight_decay:
-            torch._foreach_mul_(present, 1 - config.lr * config.weight_decay)
+            torch._foreach_mul_(list(present.values()), 1 - config.lr * config.weight_decay)
         for box, buffer in self.copies:
             if directions[box] is not None:
                 buffer.copy_(directions[box])
