@@ -80,11 +80,15 @@ def default_root_workers() -> int:
 
 
 def resolve_root_delay(config: ShampooConfig, asynchronous: bool) -> int:
-    """``config.root_delay``, or its default: 0 when synchronous, else
-    ``max(1, precondition_frequency // 2)``. Raises ``ValueError`` for a delay of 0 with
-    background workers (the result could never be waited for without blocking)."""
+    """``config.root_delay``, or its default: 0 when synchronous (1 for the
+    eigenvalue-corrected variant, whose basis must not rotate the gradient it was computed
+    from), else ``max(1, precondition_frequency // 2)``. Raises ``ValueError`` for a
+    delay of 0 with background workers (the result could never be waited for without
+    blocking)."""
     if config.root_delay is None:
-        return max(1, config.precondition_frequency // 2) if asynchronous else 0
+        if asynchronous:
+            return max(1, config.precondition_frequency // 2)
+        return 1 if config.preconditioner == "eigenvalue_corrected" else 0
     if asynchronous and config.root_delay < 1:
         raise ValueError(f"root_delay must be in [1, precondition_frequency="
                          f"{config.precondition_frequency}] with async_roots=True, "

@@ -233,8 +233,10 @@ class Shampoo(torch.optim.Optimizer):
         betas: ``(beta1, beta2)``: ``beta1`` in [0, 1) the momentum, an EMA of the step
             direction (0: none; ``torch.optim.SGD``'s ``momentum``); ``beta2`` in (0, 1]
             the EMA of the factors (1: their running sum). Default (0.9, 0.999).
-        epsilon: > 0, the factors' eigenvalue regularization (see :class:`ShampooConfig`
-            for its units and default). Not AdamW's ``eps``: that is ``grafting_epsilon``.
+        epsilon: > 0, the factors' eigenvalue regularization, relative to each factor's
+            largest eigenvalue: roots of ``S + epsilon * lambda_max(S) I`` (absolute with
+            ``relative_epsilon=False``; see :class:`ShampooConfig`). Not AdamW's ``eps``:
+            that is ``grafting_epsilon``. Default 1e-6.
         weight_decay: >= 0, per step, decoupled as in AdamW (``p -= lr * wd * p``) unless
             ``decoupled_weight_decay=False``. Default 0.
         block_size: >= 1, the largest block dimension, in elements: larger dimensions are
@@ -256,8 +258,9 @@ class Shampoo(torch.optim.Optimizer):
         adam_epsilon: > 0, "eigenvalue_corrected" only: Adam's ``eps`` in the
             eigenbases, in gradient units. Default 1e-8.
         root_delay: >= 0 steps between the statistics a root is computed from and its
-            use (the same trajectory with or without ``async_roots``). None (default): 0,
-            or ``max(1, precondition_frequency // 2)`` with ``async_roots``.
+            use (the same trajectory with or without ``async_roots``). None (default): 0
+            (1 for "eigenvalue_corrected"), or ``max(1, precondition_frequency // 2)``
+            with ``async_roots``.
         foreach: stack equal-shape blocks and run batched kernels (default). False runs
             one block at a time through the reference kernels: slow, for testing.
         async_roots: compute inverse roots on background CPU worker threads while
@@ -288,20 +291,20 @@ class Shampoo(torch.optim.Optimizer):
     @explain_unknown_keywords
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
                  lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 epsilon: float = 1e-12, weight_decay: float = 0.0, block_size: int = 1024,
+                 epsilon: float = 1e-6, weight_decay: float = 0.0, block_size: int = 1024,
                  max_preconditioned_dim: int = 8192, precondition_frequency: int = 100,
                  start_preconditioning_step: int | None = None,
                  statistics_frequency: int = 1, grafting: str | None = None,
                  grafting_beta2: float = 0.999, grafting_epsilon: float = 1e-8,
                  root_method: str = "eigh", root_dtype: torch.dtype = torch.float64,
-                 factor_dtype: torch.dtype = torch.float32, exponent_multiplier: float = 1.0,
+                 factor_dtype: torch.dtype = torch.float64, exponent_multiplier: float = 1.0,
                  nesterov: bool = False, bias_correction: bool = True,
                  decoupled_weight_decay: bool = True, newton_max_iterations: int = 100,
                  newton_tolerance: float = 1e-6, root_failure_threshold: float = 0.1,
                  preconditioner: str = "shampoo", eigenbasis_method: str = "eigh",
                  basis_refresh_tolerance: float = 0.0, factor_beta: float | None = None,
                  adam_epsilon: float = 1e-8, root_delay: int | None = None,
-                 precondition_1d: bool | None = None, *,
+                 precondition_1d: bool | None = None, relative_epsilon: bool = True, *,
                  foreach: bool = True, async_roots: bool = False,
                  root_workers: int | None = None, distributed: bool = True,
                  process_group: Any = None) -> None:
@@ -320,6 +323,7 @@ class Shampoo(torch.optim.Optimizer):
             root_delay=root_delay,
             eigenbasis_method=eigenbasis_method, basis_refresh_tolerance=basis_refresh_tolerance,
             factor_beta=factor_beta, adam_epsilon=adam_epsilon, precondition_1d=precondition_1d,
+            relative_epsilon=relative_epsilon,
         ).as_dict()
         defaults["lr"] = lr  # a tensor stays one, for schedulers (as in torch.optim)
         # None stays: each group resolves these by its own preconditioner.
@@ -610,7 +614,8 @@ class Shampoo(torch.optim.Optimizer):
         """The eigenvalue-corrected step for a stack's active rows (``selection``; None:
         all rows): Adam in the factors' eigenbases, whose first moment replaces the
         momentum."""
-        update, scale = eigenvalue_corrected_direction_(stack, state, blocks, config, step)
+        update, scale = eigenvalue_corrected_direction_(stack, state, blocks, config, step,
+                                                        selection)
         if selection is not None:
             stack.state.assign(selection, state)
         return update, scale

@@ -237,7 +237,8 @@ class BlockStack:
         """The inverse roots of :meth:`root_inputs`; pure, safe to run elsewhere."""
         exponent = self.exponent(config)
         return [inverse_root(m, exponent, config.epsilon, config.root_method,
-                             config.newton_max_iterations, config.newton_tolerance)
+                             config.newton_max_iterations, config.newton_tolerance,
+                             config.relative_epsilon)
                 for m in inputs]
 
     def install_roots(self, results: list[RootResult], config: ShampooConfig,
