@@ -112,17 +112,19 @@ class BasisResult:
     eigenvalues: torch.Tensor
 
 
-def refresh_bases(factors: torch.Tensor, bases: torch.Tensor, has_basis: torch.Tensor,
+def refresh_bases(factors: torch.Tensor, bases: torch.Tensor, warm_start: torch.Tensor,
                   method: str, tolerance: float) -> BasisResult:
     """New eigenbases of ``factors`` ``(N, d, d)`` given the ``bases`` in use and whether
-    each row has one yet (``has_basis``, ``(N,)`` bool). Rows without a basis get
-    :func:`eigenbasis`; the others are skipped when ``tolerance > 0`` and their drift is
-    at most ``tolerance``, else refreshed by ``method``: "eigh" or "qr"
-    (:func:`power_qr_step`). Pure; computes in the dtype of its inputs."""
+    each row's basis can be started from (``warm_start``, ``(N,)`` bool: it has one, and
+    one without null directions). Other rows get :func:`eigenbasis`; warm rows are
+    skipped when ``tolerance > 0`` and their drift is at most ``tolerance``, else
+    refreshed by ``method``: "eigh" or "qr" (:func:`power_qr_step`). (A basis with null
+    directions is no start: which basis of its null space rounding picked would decide
+    the power step's columns and the drift.) Pure; computes in the dtype of its inputs."""
     if method not in ("eigh", "qr"):
         raise ValueError(f"method must be 'eigh' or 'qr', got {method!r}")
-    n, d, device = factors.shape[0], factors.shape[-1], factors.device
-    warm = has_basis.to(device)
+    n, device = factors.shape[0], factors.device
+    warm = warm_start.to(device)
     drift = torch.full((n,), float("nan"), dtype=torch.float64, device=device)
     skip = torch.zeros(n, dtype=torch.bool, device=device)
     new = bases.clone()
@@ -224,24 +226,16 @@ class EigenvalueCorrectedStack(BlockStack):
                                   torch.zeros_like(base.failures))
         self.state.second_moment = torch.zeros((len(self.members), *self.block_shape),
                                                dtype=self.work_dtype, device=self.device)
-        # Per factor, the eigenvalue estimates of the basis in use (0: the identity).
-        self.eigenvalues = [torch.zeros(len(self.members), self.block_shape[d],
-                                        dtype=self.work_dtype, device=self.device)
-                            for d in self.dims]
+        self.state.basis_eigenvalues = [
+            torch.zeros(len(self.members), self.block_shape[d], dtype=self.work_dtype,
+                        device=self.device) for d in self.dims]
 
     def extra_state(self) -> dict[str, torch.Tensor]:
         return {"second_moment": self.state.second_moment,
                 "basis_refreshes": self.record.refreshes,
                 "basis_refreshes_skipped": self.record.skips,
-                **{f"basis_eigenvalues_{i}": values for i, values in enumerate(self.eigenvalues)}}
-
-    def null_masks(self, config: ShampooConfig, selection: torch.Tensor | None = None
-                   ) -> list[torch.Tensor]:
-        """Per factor, :func:`null_directions` of the bases in use (of the rows in
-        ``selection``; None: all), by ``epsilon`` and ``relative_epsilon``."""
-        values = (self.eigenvalues if selection is None else
-                  [v.index_select(0, selection.to(v.device)) for v in self.eigenvalues])
-        return [null_directions(v, config.epsilon, config.relative_epsilon) for v in values]
+                **{f"basis_eigenvalues_{i}": values
+                   for i, values in enumerate(self.state.basis_eigenvalues)}}
 
     def has_basis(self) -> bool:
         """Whether any block has a basis yet (until then every basis is the identity)."""
@@ -250,20 +244,24 @@ class EigenvalueCorrectedStack(BlockStack):
     # ------------------------------------------------------------------- root work
     def root_inputs(self, config: ShampooConfig, step: int
                     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per factor, copies of ``(factor, basis in use, has a basis)`` (in
-        ``root_dtype``; the flags ``(N,)`` on the CPU): the pure input of a refresh. The
-        factors' bias correction is left out: it does not change eigenvectors or drift."""
+        """Per factor, copies of ``(factor, basis in use, warm start)`` (in
+        ``root_dtype``; the flags ``(N,)`` on the CPU: the row has a basis without null
+        directions, :func:`refresh_bases`): the pure input of a refresh. The factors'
+        bias correction is left out: it does not change eigenvectors or drift."""
         has_basis = self.record.computed_at > 0
+        state = self.state
         return [(factor.to(config.root_dtype, copy=True), basis.to(config.root_dtype, copy=True),
-                 has_basis[:, i].clone())
-                for i, (factor, basis) in enumerate(zip(self.state.factors, self.state.roots))]
+                 has_basis[:, i] & ~null_directions(values, config.epsilon,
+                                                    config.relative_epsilon).any(dim=-1).cpu())
+                for i, (factor, basis, values) in enumerate(zip(
+                    state.factors, state.roots, state.basis_eigenvalues))]
 
     def compute_roots(self, inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                       config: ShampooConfig) -> list[BasisResult]:
         """The refreshed bases of :meth:`root_inputs`; pure, safe to run elsewhere."""
-        return [refresh_bases(factor, basis, has_basis, config.eigenbasis_method,
+        return [refresh_bases(factor, basis, warm_start, config.eigenbasis_method,
                               config.basis_refresh_tolerance)
-                for factor, basis, has_basis in inputs]
+                for factor, basis, warm_start in inputs]
 
     def install_roots(self, results: list[BasisResult], config: ShampooConfig,
                       computed_at: int) -> int:
@@ -303,7 +301,8 @@ class EigenvalueCorrectedStack(BlockStack):
             rotations.append(torch.where(ok.view(-1, 1, 1), rotation, identity))
             basis.copy_(torch.where(ok.view(-1, 1, 1), new, basis))
             values = result.eigenvalues.to(basis.device, non_blocking=True).to(basis.dtype)
-            self.eigenvalues[i].copy_(torch.where(ok.view(-1, 1), values, self.eigenvalues[i]))
+            kept = self.state.basis_eigenvalues[i]
+            kept.copy_(torch.where(ok.view(-1, 1), values, kept))
         if any(r is not None for r in rotations):
             self._change_moments_basis(rotations)
         return rejected
@@ -331,11 +330,10 @@ class EigenvalueCorrectedStack(BlockStack):
 # ------------------------------------------------------------------------- direction
 def eigenvalue_corrected_direction_(stack: EigenvalueCorrectedStack, state: StackState,
                                     grads: torch.Tensor, config: ShampooConfig,
-                                    step: int, selection: torch.Tensor | None = None
-                                    ) -> tuple[torch.Tensor, float]:
+                                    step: int) -> tuple[torch.Tensor, float]:
     """The eigenvalue-corrected step for the rows of ``state`` (the stack's state or a
-    selection of it, the rows ``selection`` of the stack; None: all) with gradient blocks
-    ``grads``: returns ``(P, scale)``, the update ``u = scale * P``.
+    selection of it) with gradient blocks ``grads``: returns ``(P, scale)``, the update
+    ``u = scale * P``.
 
     ``g' = g x_i U_i^T``; ``m' <- beta1 m' + (1 - beta1) g'``;
     ``v <- beta2 v + (1 - beta2) g'^2`` (``v += g'^2`` for ``beta2 == 1``);
@@ -356,7 +354,9 @@ def eigenvalue_corrected_direction_(stack: EigenvalueCorrectedStack, state: Stac
     else:
         state.second_moment.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     if rotated:
-        pool_null_(state.second_moment, stack.null_masks(config, selection), stack.dims)
+        masks = [null_directions(values, config.epsilon, config.relative_epsilon)
+                 for values in state.basis_eigenvalues]
+        pool_null_(state.second_moment, masks, stack.dims)
     denominator = adam_denominator(state.second_moment, beta2, step, config.bias_correction,
                                    config.adam_epsilon)
     scale = 1.0

@@ -221,7 +221,7 @@ class Shampoo(torch.optim.Optimizer):
     ``factor_dtype``, ``exponent_multiplier``, ``nesterov``, ``bias_correction``,
     ``decoupled_weight_decay``, ``newton_max_iterations``, ``newton_tolerance``,
     ``root_failure_threshold``, ``eigenbasis_method``, ``basis_refresh_tolerance``,
-    ``factor_beta``, ``precondition_1d``) with its range and default. Bad values raise a
+    ``factor_beta``, ``precondition_1d``, ``relative_epsilon``) with its range and default. Bad values raise a
     ``ValueError`` or ``TypeError`` naming the argument, at construction or at the next
     ``step()`` (before anything changes).
 
@@ -614,8 +614,7 @@ class Shampoo(torch.optim.Optimizer):
         """The eigenvalue-corrected step for a stack's active rows (``selection``; None:
         all rows): Adam in the factors' eigenbases, whose first moment replaces the
         momentum."""
-        update, scale = eigenvalue_corrected_direction_(stack, state, blocks, config, step,
-                                                        selection)
+        update, scale = eigenvalue_corrected_direction_(stack, state, blocks, config, step)
         if selection is not None:
             stack.state.assign(selection, state)
         return update, scale

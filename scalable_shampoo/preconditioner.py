@@ -100,6 +100,9 @@ class StackState:
             corrected stacks: of the gradient, kept in the rotated space).
         second_moment: ``(N, *shape)`` the rotated second moment ``v`` of
             eigenvalue-corrected stacks, None for the others.
+        basis_eigenvalues: eigenvalue-corrected stacks: per preconditioned dimension,
+            ``(N, d)`` the eigenvalue estimates of the basis in use (0 for the identity),
+            which decide its null directions; empty for the others.
     """
 
     factors: list[torch.Tensor]
@@ -107,20 +110,23 @@ class StackState:
     graft: torch.Tensor | None
     momentum: torch.Tensor | None
     second_moment: torch.Tensor | None = None
+    basis_eigenvalues: list[torch.Tensor] = field(default_factory=list)
 
     def select(self, rows: torch.Tensor) -> "StackState":
         """A copy of the state of ``rows`` (indices into the stack)."""
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.index_select(0, rows.to(t.device))
         return StackState([pick(f) for f in self.factors], [pick(r) for r in self.roots],
-                          pick(self.graft), pick(self.momentum), pick(self.second_moment))
+                          pick(self.graft), pick(self.momentum), pick(self.second_moment),
+                          [pick(e) for e in self.basis_eigenvalues])
 
     def assign(self, rows: torch.Tensor, other: "StackState") -> None:
         """Writes ``other`` (the state of ``rows``) back into this stack."""
         def put(target: torch.Tensor | None, value: torch.Tensor | None) -> None:
             if target is not None and value is not None:
                 target.index_copy_(0, rows.to(target.device), value)
-        for mine, theirs in zip(self.factors + self.roots, other.factors + other.roots):
+        for mine, theirs in zip(self.factors + self.roots + self.basis_eigenvalues,
+                                other.factors + other.roots + other.basis_eigenvalues):
             put(mine, theirs)
         put(self.graft, other.graft)
         put(self.momentum, other.momentum)
@@ -128,7 +134,7 @@ class StackState:
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in [*self.factors, *self.roots, self.graft, self.momentum,
-                            self.second_moment] if t is not None]
+                            self.second_moment, *self.basis_eigenvalues] if t is not None]
 
 
 @dataclass

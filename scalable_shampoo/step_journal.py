@@ -28,7 +28,8 @@ def _copy_state(state: StackState) -> StackState:
     def copy(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.clone()
     return StackState([f.clone() for f in state.factors], [r.clone() for r in state.roots],
-                      copy(state.graft), copy(state.momentum), copy(state.second_moment))
+                      copy(state.graft), copy(state.momentum), copy(state.second_moment),
+                      [e.clone() for e in state.basis_eigenvalues])
 
 
 def _copy_record(record: Any) -> Any:

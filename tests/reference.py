@@ -16,10 +16,31 @@ from dataclasses import dataclass, field
 import torch
 
 
-def reference_root(matrix: torch.Tensor, exponent: float, epsilon: float) -> torch.Tensor:
+def reference_root(matrix: torch.Tensor, exponent: float, epsilon: float,
+                   relative: bool = False) -> torch.Tensor:
+    """``(A + r I)^(-exponent)``, ``r = epsilon * lambda_max`` (1 for a zero matrix) if
+    ``relative`` else ``epsilon``, eigenvalues clamped at 0 first."""
     values, vectors = torch.linalg.eigh(matrix.double())
-    values = values.clamp_min(0) + epsilon
+    values = values.clamp_min(0)
+    ridge = epsilon * float(values.max()) if relative else epsilon
+    values = values + (ridge if ridge > 0 else 1.0)
     return vectors @ torch.diag(values ** -exponent) @ vectors.T
+
+
+def null_mask(eigenvalues: torch.Tensor, epsilon: float, relative: bool) -> torch.Tensor:
+    """The null directions: eigenvalue estimates below ``epsilon * max`` (or ``epsilon``)."""
+    values = eigenvalues.clamp_min(0)
+    return values < (epsilon * float(values.max()) if relative else epsilon)
+
+
+def null_averaging(eigenvalues: torch.Tensor, epsilon: float, relative: bool) -> torch.Tensor:
+    """The matrix that replaces the entries at the null directions by their mean and
+    keeps the others."""
+    null = null_mask(eigenvalues, epsilon, relative)
+    averaging = torch.diag((~null).double())
+    if bool(null.any()):
+        averaging[null.nonzero()[:, 0].unsqueeze(1), null.nonzero()[:, 0]] = 1 / int(null.sum())
+    return averaging
 
 
 def outer_along(block: torch.Tensor, dim: int) -> torch.Tensor:
@@ -60,12 +81,12 @@ class ReferenceShampoo:
     parameter's merged shape (checked against the SPEC's rule in test_blocking)."""
 
     def __init__(self, params: list[torch.Tensor], merged_shapes: list[tuple[int, ...]],
-                 lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12, weight_decay=0.0,
+                 lr=1e-3, betas=(0.9, 0.999), epsilon=1e-6, weight_decay=0.0,
                  block_size=1024, max_preconditioned_dim=8192, precondition_frequency=100,
                  start_preconditioning_step=None, statistics_frequency=1, grafting="adam",
                  grafting_beta2=0.999, grafting_epsilon=1e-8, exponent_multiplier=1.0,
                  nesterov=False, bias_correction=True, decoupled_weight_decay=True,
-                 root_delay=None, precondition_1d=True, **_):
+                 root_delay=None, precondition_1d=True, relative_epsilon=True, **_):
         self.params = params
         self.h = dict(lr=lr, beta1=betas[0], beta2=betas[1], eps=epsilon, wd=weight_decay,
                       pf=precondition_frequency,
@@ -73,7 +94,7 @@ class ReferenceShampoo:
                       sf=statistics_frequency, grafting=grafting, gb2=grafting_beta2,
                       geps=grafting_epsilon, mult=exponent_multiplier, nesterov=nesterov,
                       bc=bias_correction, decoupled=decoupled_weight_decay,
-                      delay=root_delay or 0)
+                      delay=root_delay or 0, rel=relative_epsilon)
         self.state = []
         for p, merged in zip(params, merged_shapes):
             assert math.prod(merged) == p.numel()
@@ -127,7 +148,7 @@ class ReferenceShampoo:
                     updates = (t - 1) // h["sf"] + 1
                     c = 1.0 if h["beta2"] == 1 else 1 - h["beta2"] ** updates
                     exponent = h["mult"] / (2 * len(block.dims))
-                    new = {d: reference_root(block.factors[d] / c, exponent, h["eps"])
+                    new = {d: reference_root(block.factors[d] / c, exponent, h["eps"], h["rel"])
                            for d in block.dims}
                     if h["delay"] == 0:
                         block.roots.update(new)
@@ -186,17 +207,21 @@ def reference_eigenbasis(factor: torch.Tensor) -> torch.Tensor:
 class ReferenceEigenvalueCorrected(ReferenceShampoo):
     """SPEC 2.6 literally, on the blocks and factors of :class:`ReferenceShampoo`: the
     first moment in parameter space, rotated every step; eigenbases by ``eigh`` or one
-    power step and QR; Adam in the rotated space; explicit Kronecker products. On a
-    refresh the rotated second moment follows eigenvalue rank per dimension,
-    ``v_new[j] = v[order[j]]`` with ``order`` the old columns by decreasing
-    ``diag(U_old^T S U_old)``; on the first basis (from the identity, ``C = U_new``) it
-    becomes ``v_new[j] = sum_k C[k, j]^2 v[k]`` (the library's documented choices)."""
+    power step and QR, computed at a refresh step from that step's factors and put in use
+    ``root_delay`` steps later (default 1); Adam in the rotated space; explicit Kronecker
+    products. When a basis goes into use the rotated second moment is projected,
+    ``v_new[j] = sum_k C[k, j]^2 v[k]`` with ``C = U_old^T U_new``; every step, along each
+    dimension, the entries at the basis' null directions (eigenvalue estimates
+    ``diag(U^T S U)`` below ``epsilon`` times their largest) are replaced by their mean
+    (the library's documented choices)."""
 
     def __init__(self, params, merged_shapes, grafting=None, eigenbasis_method="eigh",
                  basis_refresh_tolerance=0.0, factor_beta=None, adam_epsilon=1e-8,
                  precondition_1d=None, **options):
         if options.get("start_preconditioning_step") is None:
             options["start_preconditioning_step"] = 1  # the first basis at step 1, as SOAP
+        if options.get("root_delay") is None:
+            options["root_delay"] = 1  # a basis never rotates the gradient it came from
         super().__init__(params, merged_shapes, grafting=grafting or "none",
                          precondition_1d=bool(precondition_1d), **options)
         beta2 = options.get("betas", (0.9, 0.999))[1]
@@ -205,37 +230,56 @@ class ReferenceEigenvalueCorrected(ReferenceShampoo):
         self.second_moments = [torch.zeros(st.merged_shape, dtype=torch.float64)
                                for st in self.state]
         self.has_basis: set[tuple[int, int, int]] = set()  # (param, block, dim)
+        self.eigenvalues: dict[tuple[int, int, int], torch.Tensor] = {}
         self.refreshes = self.skips = 0
 
-    def _refresh(self, key: tuple[int, int], block: BlockRef, vb: torch.Tensor) -> None:
+    def _refresh(self, key: tuple[int, int], block: BlockRef) -> dict[int, tuple | None]:
+        """Per dimension, the new basis and its eigenvalue estimates (None: skipped)."""
         h = self.h
-        weights = []  # per dimension, how v carries over (identity where the basis stays)
-        for d in range(len(block.shape)):
-            weights.append(torch.eye(block.shape[d], dtype=torch.float64))
-            if d not in block.dims:
-                continue
+        new_bases = {}
+        for d in block.dims:
             s, u = block.factors[d], block.roots[d]
-            first = (*key, d) not in self.has_basis
-            if first:
-                new = reference_eigenbasis(s)
+            values = self.eigenvalues.get((*key, d))
+            if (*key, d) not in self.has_basis or bool(
+                    null_mask(values, h["eps"], h["rel"]).any()):
+                new = reference_eigenbasis(s)  # no basis yet, or one with null directions
             else:
                 p = u.T @ s @ u
                 drift = (p - torch.diag(torch.diag(p))).norm() / s.norm()
                 if h["tol"] > 0 and drift <= h["tol"]:
-                    self.skips += 1
+                    new_bases[d] = None
                     continue
                 order = torch.argsort(torch.diag(p), descending=True)
                 new = (reference_eigenbasis(s) if h["method"] == "eigh"
                        else torch.linalg.qr(s @ u[:, order]).Q)
+            new_bases[d] = (new.contiguous(),  # torch.kron rejects QR's column-major Q
+                            torch.diag(new.T @ s @ new))
+        return new_bases
+
+    def _install(self, key: tuple[int, int], block: BlockRef, vb: torch.Tensor,
+                 new_bases: dict[int, tuple | None]) -> None:
+        """Puts new bases in use (refreshes and skips are counted then, as the library
+        does) and projects the second moment onto them."""
+        weights = [torch.eye(size, dtype=torch.float64) for size in block.shape]
+        for d, entry in new_bases.items():
+            if entry is None:
+                self.skips += 1
+                continue
             self.refreshes += 1
-            c = u.T @ new
-            # First basis: the diagonal of the old estimate in the new basis. Later: new
-            # column j inherits v of the old column ranked j-th on the current factor.
-            weights[d] = (c * c if first
-                          else torch.eye(len(order), dtype=torch.float64)[order].T.contiguous())
-            block.roots[d] = new.contiguous()  # torch.kron rejects QR's column-major Q
+            new, values = entry
+            c = block.roots[d].T @ new
+            weights[d] = c * c
+            block.roots[d] = new
+            self.eigenvalues[(*key, d)] = values
             self.has_basis.add((*key, d))
         vb.copy_((kron_all([w.T for w in weights]) @ vb.reshape(-1)).reshape(vb.shape))
+
+    def _pooling(self, key: tuple[int, int], block: BlockRef) -> torch.Tensor:
+        h = self.h
+        return kron_all([null_averaging(self.eigenvalues[(*key, d)], h["eps"], h["rel"])
+                         if (*key, d) in self.eigenvalues
+                         else torch.eye(block.shape[d], dtype=torch.float64)
+                         for d in range(len(block.shape))])
 
     def step(self, grads: list[torch.Tensor | None]) -> None:
         h = self.h
@@ -260,8 +304,15 @@ class ReferenceEigenvalueCorrected(ReferenceShampoo):
                         fb = h["fbeta"]
                         block.factors[d] = (block.factors[d] + outer if fb == 1 else
                                             fb * block.factors[d] + (1 - fb) * outer)
+                if block.pending is not None and block.pending[0] == t:
+                    self._install((pi, bi), block, vb, block.pending[1])
+                    block.pending = None
                 if block.dims and t >= h["start"] and (t - h["start"]) % h["pf"] == 0:
-                    self._refresh((pi, bi), block, vb)
+                    new_bases = self._refresh((pi, bi), block)
+                    if h["delay"] == 0:
+                        self._install((pi, bi), block, vb, new_bases)
+                    else:
+                        block.pending = (t + h["delay"], new_bases)
                 bases = kron_all([block.roots[d] if d in block.dims
                                   else torch.eye(block.shape[d], dtype=torch.float64)
                                   for d in range(len(block.shape))])
@@ -269,6 +320,7 @@ class ReferenceEigenvalueCorrected(ReferenceShampoo):
                 m_rot = bases.T @ mb.reshape(-1)
                 v_rot = vb.reshape(-1)
                 v_rot = v_rot + g_rot ** 2 if b2 == 1 else b2 * v_rot + (1 - b2) * g_rot ** 2
+                v_rot = self._pooling((pi, bi), block) @ v_rot
                 vb.copy_(v_rot.reshape(block.shape))
                 numerator = (b1 * m_rot / c1 + (1 - b1) * g_rot if h["nesterov"] and b1 > 0
                              else m_rot / c1)

@@ -236,6 +236,11 @@ ERROR_INPUTS = [
     _row(dict(precondition_1d=1), ValueError, r"precondition_1d " + BOOL, "precondition_1d-int"),
     _row(dict(precondition_1d="no"), ValueError, r"precondition_1d " + BOOL,
          "precondition_1d-str"),
+    # relative_epsilon: a bool
+    _row(dict(relative_epsilon=1), ValueError, r"relative_epsilon " + BOOL,
+         "relative_epsilon-int"),
+    _row(dict(relative_epsilon=None), ValueError, r"relative_epsilon " + BOOL,
+         "relative_epsilon-none"),
     # eigenbasis_method: "eigh" or "qr"
     _row(dict(eigenbasis_method="newton"), ValueError,
          r"eigenbasis_method must be one of .*'eigh', 'qr'", "eigenbasis_method-unknown"),
@@ -474,13 +479,15 @@ def test_valid_edge_values_are_accepted_and_step(kwargs):
     assert torch.isfinite(p1).all() and torch.isfinite(p2).all()
 
 
-@pytest.mark.parametrize("kwargs", [dict(epsilon=1e-300), dict(exponent_multiplier=8.0)],
+@pytest.mark.parametrize("kwargs", [dict(epsilon=1e-300),
+                                    dict(epsilon=1e-12, exponent_multiplier=8.0)],
                          ids=["epsilon-1e-300", "exponent_multiplier-8"])
 def test_root_overflowing_the_float32_work_dtype_is_rejected(kwargs):
-    """SPEC 2.3: a root containing NaN/Inf is rejected and the previous one (here the
-    identity) stays in use. With a rank-1 factor the clamped eigenvalues are 0, so the
-    root's entries are about ``epsilon ** -e``: 1e150 and 1e48 here, finite in float64
-    but not in float32."""
+    """A root containing NaN/Inf is rejected and the previous one (here the identity)
+    stays in use. With a rank-1 factor the clamped eigenvalues are 0, so with an
+    absolute epsilon the root's entries are about ``epsilon ** -e``: 1e150 and 1e48
+    here, finite in float64 but not in float32."""
+    kwargs = {**kwargs, "relative_epsilon": False}
     param = torch.nn.Parameter(torch.randn(6, generator=torch.Generator().manual_seed(0)))
     opt = Shampoo([param], lr=0.1, start_preconditioning_step=1, **kwargs)
     _fill_grads([param])
@@ -509,12 +516,13 @@ def test_betas_are_normalized_to_a_tuple_of_floats():
 
 
 SPEC_DEFAULTS = dict(
-    lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12, weight_decay=0.0, block_size=1024,
+    lr=1e-3, betas=(0.9, 0.999), epsilon=1e-6, weight_decay=0.0, block_size=1024,
     max_preconditioned_dim=8192, precondition_frequency=100, start_preconditioning_step=None,
     statistics_frequency=1, grafting="adam", grafting_beta2=0.999, grafting_epsilon=1e-8,
-    root_method="eigh", root_dtype=torch.float64, factor_dtype=torch.float32,
+    root_method="eigh", root_dtype=torch.float64, factor_dtype=torch.float64,
     exponent_multiplier=1.0, nesterov=False, bias_correction=True,
     decoupled_weight_decay=True, preconditioner="shampoo", adam_epsilon=1e-8,
+    relative_epsilon=True,
 )
 
 
@@ -666,7 +674,7 @@ def test_schedule_helpers_agree_with_brute_force(start, root_frequency, stats_fr
 STRUCTURAL_CHANGES = [
     ("block_size", 2),
     ("max_preconditioned_dim", 2),
-    ("factor_dtype", torch.float64),
+    ("factor_dtype", torch.float32),
     ("grafting", "sgd"),
     ("preconditioner", "eigenvalue_corrected"),
     ("precondition_1d", False),

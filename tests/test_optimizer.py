@@ -341,7 +341,7 @@ def test_low_precision_parameters_track_float32(dtype):
     losses_low = _train(low, opt_low, 12)
     losses_high = _train(high, opt_high, 12)
     state = opt_low.state_dict()["state"][0]["blocks"][0]
-    assert state["factors"][0].dtype == torch.float32
+    assert state["factors"][0].dtype == torch.float64  # factor_dtype's default
     assert state["momentum"].dtype == torch.float32
     assert all(math.isfinite(x) for x in losses_low)
     assert abs(losses_low[-1] - losses_high[-1]) < 0.05 * losses_high[-1]
@@ -494,12 +494,12 @@ def test_repr_shows_the_values_in_effect():
                   precondition_frequency=10)
     groups = repr(opt).split("Parameter Group ")[1:]
     assert len(groups) == 2
-    for text, grafting, one_d, start in [(groups[0], "'adam'", "True", "10"),
-                                         (groups[1], "'none'", "False", "1")]:
+    for text, grafting, one_d, start, delay in [(groups[0], "'adam'", "True", "10", "0"),
+                                                (groups[1], "'none'", "False", "1", "1")]:
         assert f"    grafting: {grafting}\n" in text
         assert f"    precondition_1d: {one_d}\n" in text
         assert f"    start_preconditioning_step: {start}\n" in text
-        assert "    root_delay: 0\n" in text and "    factor_beta: 0.999\n" in text
+        assert f"    root_delay: {delay}\n" in text and "    factor_beta: 0.999\n" in text
         assert "None" not in text
     opt.param_groups[0]["grafting"] = "bogus"  # invalid: shown as it is, step names it
     assert "grafting: 'bogus'" in repr(opt)

@@ -114,7 +114,7 @@ def test_roots_are_bias_corrected_inverse_roots():
     for j, d in enumerate(stack.dims):
         for i in range(3):
             expected = reference_root(stack.state.factors[j][i].double() / (1 - 0.95**5),
-                                      0.25, 1e-6)
+                                      0.25, 1e-6, relative=True)
             torch.testing.assert_close(stack.state.roots[j][i].double(), expected,
                                        rtol=1e-5, atol=1e-5)
     assert torch.equal(stack.record.computed_at, torch.full((3, 2), 5))
