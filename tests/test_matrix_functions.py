@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from scalable_shampoo.matrix_functions import (MAX_NEWTON_DENOMINATOR, RootResult, inverse_root,
-                                               inverse_root_eigh, inverse_root_newton)
+                                               inverse_root_eigh, inverse_root_newton,
+                                               largest_eigenvalue, ridge_of)
 
 F64 = torch.float64
 EPS64 = torch.finfo(torch.float64).eps  # 2.2e-16
@@ -386,6 +387,58 @@ def test_zero_matrix_without_epsilon_is_detectable():
     assert not torch.isfinite(eigh.root).all()  # observed: NaN (inf * 0)
     newton = run_newton(zero, Fraction(1, 4), 0.0, max_iterations=20)
     assert float(newton.residual) >= 0.5  # observed: 1.0, M never leaves 0
+
+
+# ---------------------------------------------------------------------------------------
+# Relative epsilon: (A + epsilon * lambda_max(A) I)^(-e)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", [3, 12])
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e6])
+@pytest.mark.parametrize("epsilon", [1e-6, 1e-3])
+@pytest.mark.parametrize("method", METHODS)
+def test_relative_epsilon_is_scaled_by_the_largest_eigenvalue(method, epsilon, scale, rank):
+    """Full-rank and rank-deficient spectra at three scales: the ridge is epsilon times
+    the largest eigenvalue, so the root of ``c A`` is ``c^(-e)`` times the root of A."""
+    n, exponent = 12, Fraction(1, 4)
+    gen = generator(seed_of("relative", method, epsilon, scale, rank))
+    q = random_orthogonal(n, gen)
+    ev = torch.zeros(n, dtype=F64)
+    ev[:rank] = scale * torch.logspace(0, -4, rank, dtype=F64)
+    ev = ev[torch.randperm(n, generator=gen)]
+    ridge = epsilon * float(ev.max())
+    result = inverse_root(psd_from(q, ev), float(exponent), epsilon, method=method,
+                          relative=True)
+    expected = reference_root(q, ev, exponent, ridge)
+    error = rel_err(result.root, expected)
+    assert error <= bound_for(method, effective_cond(ev, ridge)), error
+    if scale != 1.0:  # negative control: at other scales the absolute epsilon is far off
+        assert rel_err(reference_root(q, ev, exponent, epsilon), expected) > 1e-3
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_relative_epsilon_of_a_zero_matrix_is_the_identity(method):
+    result = inverse_root(torch.zeros(2, 5, 5, dtype=F64), 0.25, 1e-6, method=method,
+                          relative=True)
+    torch.testing.assert_close(result.root, torch.eye(5, dtype=F64).expand(2, 5, 5),
+                               rtol=0, atol=1e-12)
+    assert torch.equal(ridge_of(torch.tensor([0.0, 2.0], dtype=F64), 1e-3),
+                       torch.tensor([1.0, 2e-3], dtype=F64))
+
+
+@pytest.mark.parametrize("n", [2, 24, 128])
+def test_largest_eigenvalue_estimate_matches_the_spectrum(n):
+    """Power iteration on spectra with a top gap of at least 1.5x; a lower bound."""
+    gen = generator(seed_of("largest", n))
+    q = random_orthogonal(n, gen)
+    ev = 3.0 * torch.logspace(0, -3, n, dtype=F64)
+    ev[1:] = ev[1:].clamp_max(ev[0] / 1.5)
+    batch = torch.stack([psd_from(q, ev), psd_from(q, 7.0 * ev)])
+    estimate = largest_eigenvalue(batch)
+    torch.testing.assert_close(estimate, torch.tensor([3.0, 21.0], dtype=F64),
+                               rtol=1e-9, atol=0)
+    assert bool((estimate <= torch.tensor([3.0, 21.0], dtype=F64) * (1 + 1e-12)).all())
 
 
 # ---------------------------------------------------------------------------------------
