@@ -210,7 +210,7 @@ def test_matches_float64_reference(config_name, shape_name):
     options = {**EC_CONFIGS[config_name], **shape_options, "factor_dtype": torch.float64}
     params, ref, opt = _run(shapes, merged, options)
     for p, r in zip(params, ref.params):
-        torch.testing.assert_close(p, r, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(p, r, rtol=1e-8, atol=1e-10)
     metrics = opt.metrics()
     assert metrics["basis_failures"] == 0
     assert (metrics["basis_refreshes"], metrics["basis_refreshes_skipped"]) == (
