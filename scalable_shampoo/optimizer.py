@@ -10,8 +10,10 @@ to parameters.
 
 from __future__ import annotations
 
+import sys
 import warnings
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
 import torch
@@ -20,13 +22,16 @@ from .async_roots import RootEvents, RootScheduler, resolve_root_delay
 from .blocking import BlockLayout, BlockRegion, block_layout, block_regions, region_view
 from .config import STRUCTURAL_FIELDS, ShampooConfig
 from .distributed import DataParallel, Exchange
+from .distributed_state import StateGather
 from .eigenvalue_corrected import (EigenvalueCorrectedStack, basis_metrics,
                                    eigenvalue_corrected_direction_)
 from .grafting import graft, graft_direction_
 from .matrix_functions import newton_fraction
+from .param_state import StateViews, new_step
 from .preconditioner import BlockStack, StackState
-from .state_dicts import (SHARDED_FORMAT, STATE_FORMAT, block_state, check_state_dict,
-                          restore_blocks, saved_groups)
+from .state_dicts import (GROUP_STEP, SHARDED_FORMAT, STATE_FORMAT, block_state,
+                          check_state_dict, hyperparameters, load_block_state, restore_blocks,
+                          saved_entry, saved_groups, warn_missing, warn_structural_changes)
 STACK_TYPES = {"shampoo": BlockStack, "eigenvalue_corrected": EigenvalueCorrectedStack}
 
 
@@ -62,18 +67,27 @@ class _GroupPlan:
 
     Attributes:
         layouts: per parameter, its block layout.
+        regions: per parameter, the regions of it this rank stacks (all of them, or with
+            data parallelism the boxes it owns), whether or not the parameter has state.
+        live: the parameters with state (those that have had a gradient); the stacks
+            hold their blocks only.
         stacks: the group's block stacks.
         pieces: per stack, the parameter regions it holds, in row order.
-        locations: per parameter, per block, ``(stack index, row in the stack)``.
+        locations: per parameter, per block, ``(stack index, row in the stack)``; empty
+            for a parameter without state.
         structure: the structural hyperparameters the plan was built with.
-        step: steps taken by the group.
+        step: the group's step counter (steps where some parameter of the group had a
+            gradient): it schedules statistics and root steps. Bias corrections use each
+            parameter's own ``optimizer.state[p]["step"]``.
         checked_root_setting: the (root_method, exponent_multiplier) last validated.
-        exchange: with data parallelism, the blocks' owners and the all-gather layout;
-            the stacks then hold this rank's blocks only, ``locations`` has ``(-1, -1)``
-            for the others'.
+        exchange: with data parallelism, the blocks' owners and the all-gather layout
+            (of every parameter, with state or not); the stacks then hold this rank's
+            blocks only, ``locations`` has ``(-1, -1)`` for the others'.
     """
 
     layouts: list[BlockLayout]
+    regions: list[list[BlockRegion]]
+    live: frozenset[int]
     stacks: list[BlockStack]
     pieces: list[list[_Piece]]
     locations: list[list[tuple[int, int]]]
@@ -94,25 +108,39 @@ def _work_dtype(param_dtype: torch.dtype) -> torch.dtype:
 
 def _build_plan(params: list[torch.Tensor], config: ShampooConfig, batched: bool,
                 data_parallel: DataParallel | None = None,
-                previous: _GroupPlan | None = None) -> _GroupPlan:
-    """With ``data_parallel``, the blocks are assigned to ranks (balancing the loads
-    on from the ``previous`` group's) and the stacks get this rank's blocks only."""
+                previous: _GroupPlan | None = None,
+                live: frozenset[int] = frozenset()) -> _GroupPlan:
+    """The plan of a param group whose ``live`` parameters have state. With
+    ``data_parallel``, the blocks are assigned to ranks (balancing the loads on from
+    the ``previous`` group's) and the stacks get this rank's blocks only."""
     layouts = [block_layout(p.shape, config.block_size, config.max_preconditioned_dim,
                             config.precondition_1d) for p in params]
     exchange = None if data_parallel is None else Exchange.plan(
         params, layouts, data_parallel, previous.exchange if previous else None)
-    stacks, pieces = [], []
+    regions: list[list[BlockRegion]] = []
+    for pi, (param, layout) in enumerate(zip(params, layouts)):
+        own = [] if param.numel() == 0 else block_regions(layout, one_block_each=not batched)
+        if exchange is not None and own:  # this rank's boxes; the exchange records the others'
+            own = exchange.add_param(pi, own, _work_dtype(param.dtype), param.device)
+        regions.append(own)
+    plan = _GroupPlan(layouts, regions, live, [], [], [], _structure(config), exchange=exchange)
+    _stack_live(plan, params, config, batched)
+    return plan
+
+
+def _stack_live(plan: _GroupPlan, params: list[torch.Tensor], config: ShampooConfig,
+                batched: bool) -> None:
+    """Builds the plan's stacks (fresh state) for its live parameters' regions."""
+    stacks: list[BlockStack] = []
+    pieces: list[list[_Piece]] = []
     locations: list[list[tuple[int, int]]] = []
     index: dict[Any, int] = {}
-    for pi, (param, layout) in enumerate(zip(params, layouts)):
-        if param.numel() == 0:  # nothing to precondition or update
+    for pi, (param, layout) in enumerate(zip(params, plan.layouts)):
+        if pi not in plan.live or param.numel() == 0:  # no state, or nothing to precondition
             locations.append([])
             continue
         where: list[tuple[int, int]] = [(-1, -1)] * layout.num_blocks
-        regions = block_regions(layout, one_block_each=not batched)
-        if exchange is not None:  # this rank's boxes; the exchange records the others'
-            regions = exchange.add_param(pi, regions, _work_dtype(param.dtype), param.device)
-        for region in regions:
+        for region in plan.regions[pi]:
             key = ((region.block_shape, layout.preconditioned_dims, param.dtype, param.device)
                    if batched else (pi, region.block_indices))
             if key not in index:
@@ -130,7 +158,7 @@ def _build_plan(params: list[torch.Tensor], config: ShampooConfig, batched: bool
         locations.append(where)
     for stack in stacks:
         stack.allocate(config)
-    return _GroupPlan(layouts, stacks, pieces, locations, _structure(config), exchange=exchange)
+    plan.stacks, plan.pieces, plan.locations = stacks, pieces, locations
 
 
 @dataclass
@@ -148,19 +176,32 @@ class _Gathered:
     placements: list[tuple[_Piece, int]]
 
 
+def _built_by_zero() -> bool:
+    """Whether ``torch.distributed.optim.ZeroRedundancyOptimizer`` is constructing this
+    optimizer (it builds its per-rank optimizer inside its own methods)."""
+    zero = getattr(sys.modules.get("torch.distributed.optim"), "ZeroRedundancyOptimizer", None)
+    frame = sys._getframe(1)
+    while zero is not None and frame is not None:
+        if isinstance(frame.f_locals.get("self"), zero):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _check_newton_exponents(plan: _GroupPlan, config: ShampooConfig, index: int) -> None:
     """Fails before the first step, not at the first root step, when the Newton root
-    cannot compute some block's exponent."""
+    cannot compute some block's exponent (of any parameter, with state or not yet)."""
     if config.root_method != "newton" or config.preconditioner != "shampoo":
         return
-    for stack in plan.stacks:
-        if stack.dims:
+    for layout, regions in zip(plan.layouts, plan.regions):
+        dims = len(layout.preconditioned_dims)
+        if dims and regions:
             try:
-                newton_fraction(stack.exponent(config))
+                newton_fraction(config.exponent_multiplier / (2 * dims))  # BlockStack.exponent
             except ValueError as error:
                 raise ValueError(
                     f"param group {index}: root_method='newton' cannot serve blocks with "
-                    f"{len(stack.dims)} preconditioned dimensions at exponent_multiplier="
+                    f"{dims} preconditioned dimensions at exponent_multiplier="
                     f"{config.exponent_multiplier}: {error}") from None
 
 
@@ -229,10 +270,21 @@ class Shampoo(torch.optim.Optimizer):
         defaults["precondition_1d"] = precondition_1d
         if not isinstance(foreach, bool):
             raise ValueError(f"foreach must be True or False, got {foreach!r}")
+        if _built_by_zero():
+            raise TypeError(
+                "Shampoo cannot run inside torch.distributed.optim.ZeroRedundancyOptimizer: "
+                "ZeRO gives each rank a subset of the parameters and writes optimizer.state "
+                "directly, which Shampoo's stacked blocks do not read. Under data parallelism "
+                "Shampoo already shards its state over the ranks: use "
+                "Shampoo(model.parameters(), ...) itself.")
         self.foreach = foreach
         self._roots = RootScheduler(async_roots, root_workers)
         self._data_parallel = DataParallel.resolve(distributed, process_group)
+        data_parallel = self._data_parallel
+        self._gather = None if data_parallel is None else StateGather(
+            data_parallel.group, data_parallel.rank, data_parallel.world_size)
         self._plans: list[_GroupPlan | None] = []
+        self._views = StateViews()
         self._counters = {"root_computations": 0, "root_failures": 0,
                           "nonfinite_grad_skips": 0, "root_seconds": 0.0,
                           "root_wait_seconds": 0.0}
@@ -292,17 +344,17 @@ class Shampoo(torch.optim.Optimizer):
             delays = [resolve_root_delay(config, self._roots.asynchronous) for config in configs]
             plans = [self._plan(index, config) for index, config in enumerate(configs)]
             self._roots.raise_failures([stack for plan in plans for stack in plan.stacks])
-            for group, config, plan, delay in zip(self.param_groups, configs, plans, delays):
-                self._step_group(group, config, plan, delay)
+            for index, (config, delay) in enumerate(zip(configs, delays)):
+                self._step_group(index, config, delay)
         except Exception as error:
             if self._data_parallel is not None:  # join what the other ranks wait in
                 self._data_parallel.abort(error)
             raise
         return loss
 
-    def _step_group(self, group: dict[str, Any], config: ShampooConfig,
-                    plan: _GroupPlan, delay: int) -> None:
-        params = group["params"]
+    def _step_group(self, index: int, config: ShampooConfig, delay: int) -> None:
+        params = self.param_groups[index]["params"]
+        plan = self._plans[index]
         grads = [p.grad for p in params]
         nonfinite: set[int] = set()
         if plan.exchange is not None:  # decided on whole gradients, the same on every rank
@@ -314,6 +366,9 @@ class Shampoo(torch.optim.Optimizer):
                 raise RuntimeError("Shampoo does not support sparse gradients")
         plan.step += 1
         step = plan.step
+        newcomers = [pi for pi, g in enumerate(grads) if g is not None and pi not in plan.live]
+        if newcomers:  # their first gradient: their state is created now
+            plan = self._add_live(index, config, newcomers, step)
         if config.weight_decay and not config.decoupled_weight_decay:
             grads = [None if g is None else g.add(p, alpha=config.weight_decay)
                      for g, p in zip(grads, params)]
@@ -328,14 +383,21 @@ class Shampoo(torch.optim.Optimizer):
             gathered = [_gather(stack, pieces, merged)
                         for stack, pieces in zip(plan.stacks, plan.pieces)]
 
+        updated = [pi for pi, g in enumerate(grads) if g is not None and pi not in bad]
+        counters = [self.state[params[pi]]["step"] for pi in updated]
+        param_steps = {pi: int(t) + 1 for pi, t in zip(updated, counters)}
+        results = [(batch, self._stack_direction(stack, batch, config, step, delay, param_steps))
+                   for stack, batch in zip(plan.stacks, gathered)]
+        results = [(batch, result) for batch, result in results if result is not None]
+        # The momentum's bias correction u = scale v, one scalar unless the parameters'
+        # step counts differ (then each stack's v is scaled here).
+        scales = {scale for _, (_, scale) in results}
+        mixed = len(scales) > 1
+        scale = 1.0 if mixed or not scales else scales.pop()
         updates: dict[int, list[tuple[BlockRegion, torch.Tensor]]] = {}
-        scale = 1.0  # the momentum's bias correction: the same for every stack of a group
-        for stack, batch in zip(plan.stacks, gathered):
-            result = self._stack_direction(stack, batch.rows, batch.blocks, config, step,
-                                           delay)
-            if result is None:
-                continue
-            direction, scale = result
+        for batch, (direction, own_scale) in results:
+            if mixed:
+                direction = direction * own_scale
             for piece, position in batch.placements:
                 region = piece.region
                 update = direction[position:position + region.num_blocks]
@@ -345,6 +407,35 @@ class Shampoo(torch.optim.Optimizer):
             updates, scale = self._data_parallel.gather(
                 plan.exchange, updates, scale, [m is not None for m in merged]), 1.0
         _apply(params, plan.layouts, updates, config, scale)
+        if counters:
+            torch._foreach_add_(counters, 1.0)
+        self._views.refresh(self.state, params, plan.stacks)
+
+    def _add_live(self, index: int, config: ShampooConfig, newcomers: list[int],
+                  step: int) -> _GroupPlan:
+        """Gives ``newcomers`` (parameters of group ``index`` at their first gradient)
+        state: the group's stacks are rebuilt with their blocks and the others' rows
+        copied over. Roots computed but not yet in use are put in use first (up to
+        ``root_delay`` steps early: a stack's rows share one pending computation)."""
+        params = self.param_groups[index]["params"]
+        old = self._plans[index]
+        for stack in old.stacks:
+            self._count(self._roots.activate(stack, config, step, force=True))
+        plan = replace(old, live=old.live | frozenset(newcomers))
+        _stack_live(plan, params, config, self.foreach)
+        for stack in plan.stacks:
+            stack.ensure_buffers(config)
+        for stack in old.stacks:
+            for row, (pi, bi) in enumerate(stack.members):
+                si, new_row = plan.locations[pi][bi]
+                load_block_state(plan.stacks[si], new_row, block_state(stack, row),
+                                 f"parameter {pi} block {bi}", check_finite=False)
+        self._plans[index] = plan
+        for pi in newcomers:
+            self.state[params[pi]] = {"step": new_step()}
+        self._views.forget(old.stacks)
+        self._views.refresh(self.state, params, plan.stacks, force=True)
+        return plan
 
     def _nonfinite_params(self, plan: _GroupPlan, gathered: list[_Gathered]) -> set[int]:
         """The parameters whose gradient has NaN/Inf entries."""
@@ -374,13 +465,17 @@ class Shampoo(torch.optim.Optimizer):
                               "counted in metrics()['nonfinite_grad_skips'] without a warning.",
                               RuntimeWarning, stacklevel=6)  # the caller of optimizer.step()
 
-    def _stack_direction(self, stack: BlockStack, rows: list[int], blocks: torch.Tensor | None,
-                         config: ShampooConfig, step: int,
-                         delay: int) -> tuple[torch.Tensor, float] | None:
-        """Statistics, roots, grafting and momentum for the active ``rows`` of a stack;
-        returns their update directions ``u`` as ``(v, scale)``, ``u = scale * v``
-        (SPEC 2.2-2.5), or None without active rows. Roots launched at a root step go
-        into use ``delay`` steps later (SPEC 4). Overwrites ``blocks``."""
+    def _stack_direction(self, stack: BlockStack, batch: _Gathered, config: ShampooConfig,
+                         step: int, delay: int, param_steps: dict[int, int]
+                         ) -> tuple[torch.Tensor, float] | None:
+        """Statistics, roots, grafting and momentum for the active rows of a stack (the
+        ``batch``); returns their update directions ``u`` as ``(v, scale)``, ``u = scale
+        * v`` (SPEC 2.2-2.5), or None without active rows. ``step`` (the group's)
+        schedules statistics and roots: roots launched at a root step go into use
+        ``delay`` steps later (SPEC 4); each row's parameter step (``param_steps``)
+        drives its bias corrections and its start of preconditioning. Overwrites the
+        batch's blocks."""
+        rows, blocks = batch.rows, batch.blocks
         stack.ensure_buffers(config)
         everyone = len(rows) == len(stack.members)
         selection = None if everyone else torch.tensor(rows, dtype=torch.long)
@@ -398,6 +493,29 @@ class Shampoo(torch.optim.Optimizer):
                 state = stack.state.select(selection)
         if not rows:
             return None
+        steps = {param_steps[piece.param] for piece, _ in batch.placements}
+        if len(steps) == 1:
+            return self._direction(stack, state, selection, blocks, config, steps.pop(), delay)
+        # Rows of parameters with different step counts (some started late or skipped a
+        # step): each count's rows apart, the bias correction applied here.
+        row_steps = torch.tensor([param_steps[piece.param] for piece, _ in batch.placements
+                                  for _ in range(piece.region.num_blocks)])
+        update = torch.empty_like(blocks)
+        all_rows = torch.tensor(rows, dtype=torch.long)
+        for count in sorted(steps):
+            where = (row_steps == count).nonzero().flatten()
+            part = all_rows[where]
+            direction, scale = self._direction(stack, stack.state.select(part), part,
+                                               blocks[where], config, count, delay)
+            update[where] = direction * scale
+        return update, 1.0
+
+    def _direction(self, stack: BlockStack, state: StackState, selection: torch.Tensor | None,
+                   blocks: torch.Tensor, config: ShampooConfig, step: int,
+                   delay: int) -> tuple[torch.Tensor, float]:
+        """Grafting, preconditioning and momentum (SPEC 2.4-2.6) of rows whose parameters
+        are at ``step``: ``state`` is theirs (``selection`` of the stack; None: all rows,
+        then ``state`` is the stack's), written back."""
         if isinstance(stack, EigenvalueCorrectedStack):
             return self._eigenvalue_corrected_direction(stack, state, selection, blocks,
                                                         config, step)
@@ -408,7 +526,7 @@ class Shampoo(torch.optim.Optimizer):
             direction = (preconditioned if config.grafting == "none"
                          else graft(preconditioned, direction, inplace=True))
         update, scale = momentum_direction_(state.momentum, direction, config, step)
-        if not everyone:
+        if selection is not None:
             stack.state.assign(selection, state)
         return update, scale
 
@@ -487,85 +605,165 @@ class Shampoo(torch.optim.Optimizer):
 
     # -------------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
-        """The full state: per parameter (by index, as ``torch.optim``) its step and,
-        per block, the factors, roots in use, grafting and momentum state (eigenvalue-
-        corrected blocks: the bases in "roots", the rotated moments, the basis counts),
-        and roots computed but not yet in use (waiting for background work in flight).
-        Tensors are copies. With data parallelism, :meth:`sharded_state_dict` (this
-        rank's blocks)."""
-        if self._data_parallel is not None:
-            return self.sharded_state_dict()
+        """The full state, in ``torch.optim``'s layout: per parameter with state (by
+        index) its ``step`` and, per block, the factors, roots in use, grafting and
+        momentum state (eigenvalue-corrected blocks: the bases in "roots", the rotated
+        moments, the basis counts), and roots computed but not yet in use (waiting for
+        background work in flight); per group its hyperparameters and step counter.
+        Tensors are copies. Runs ``torch.optim``'s state-dict hooks.
+
+        With data parallelism it is a collective: it gathers every rank's blocks, so that
+        each rank holds the whole state (loadable at any world size), and every rank of
+        the group must call it; called on some ranks only it raises ``RuntimeError``
+        with the fix (see :mod:`.distributed_state`). :meth:`sharded_state_dict` gives
+        this rank's blocks without communication."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        state_dict = (self._gathered_state_dict() if self._gather is not None
+                      else self._full_state_dict())
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def _full_state_dict(self) -> dict[str, Any]:
         self._wait_for_roots()
         state, offset = {}, 0
         for gi, group in enumerate(self.param_groups):
-            count = len(group["params"])
             plan = self._plans[gi]
-            if plan is not None:
-                for pi in range(count):
-                    state[offset + pi] = {
-                        "step": plan.step,
-                        "blocks": [block_state(plan.stacks[si], row)
-                                   for si, row in plan.locations[pi]]}
-            offset += count
+            for pi in sorted(plan.live) if plan is not None else ():
+                state[offset + pi] = {
+                    "step": self.state[group["params"][pi]]["step"].clone(),
+                    "blocks": [block_state(plan.stacks[si], row)
+                               for si, row in plan.locations[pi]]}
+            offset += len(group["params"])
         return {"format": STATE_FORMAT, "state": state,
-                "param_groups": saved_groups(self.param_groups),
+                "param_groups": saved_groups(self.param_groups, self._group_steps()),
                 "counters": dict(self._counters)}
+
+    def _gathered_state_dict(self) -> dict[str, Any]:
+        plans = [p for p in self._plans if p is not None]
+        self._gather.handshake(sum(len(s.members) for p in plans for s in p.stacks),
+                               sum(len(where) for p in plans for where in p.locations))
+        sharded = self.sharded_state_dict()
+        counts, offset = {}, 0
+        for group, plan in zip(self.param_groups, self._plans):
+            counts.update({offset + pi: len(plan.locations[pi]) for pi in sorted(plan.live)})
+            offset += len(group["params"])
+        return {**sharded, "format": STATE_FORMAT,
+                "state": self._gather.gather(sharded["state"], counts)}
+
+    def _group_steps(self) -> list[int]:
+        return [0 if plan is None else plan.step for plan in self._plans]
 
     def sharded_state_dict(self) -> dict[str, Any]:
         """The state for ``torch.distributed.checkpoint``, keyed by parameter and block
-        index (strings), never by rank: per parameter, ``"blocks"`` holds the blocks this
-        rank owns (all without data parallelism), so the ranks' union is the whole state
-        at any world size; of the counters only the rank-independent
-        ``nonfinite_grad_skips``. Allocates what a first step would, so that it is also
-        the template DCP loads into. Tensors are copies; roots computed but not yet in
-        use are one opaque ``bytes`` entry per block. See :mod:`.distributed`."""
+        index (strings), never by rank: per parameter with state, ``"blocks"`` holds the
+        blocks this rank owns (all without data parallelism), so the ranks' union is the
+        whole state at any world size; of the counters only the rank-independent
+        ``nonfinite_grad_skips``. In an optimizer that has not stepped, allocates the
+        state a first step with every gradient would (of the parameters that require
+        gradients), so that it is also the template DCP loads into. Tensors are copies;
+        roots computed but not yet in use are one opaque ``bytes`` entry per block. See
+        :mod:`.distributed`."""
         self._wait_for_roots()
         state, offset = {}, 0
         for gi, group in enumerate(self.param_groups):
             config = ShampooConfig.from_group(group)
             plan = self._plan(gi, config)
+            if plan.step == 0 and not plan.live:
+                plan = self._template(gi, config)
             for stack in plan.stacks:
                 stack.ensure_buffers(config)
-            for pi, where in enumerate(plan.locations):
+            self._views.refresh(self.state, group["params"], plan.stacks)
+            for pi in sorted(plan.live):
                 state[str(offset + pi)] = {
-                    "step": plan.step,
-                    "blocks": {str(bi): block_state(plan.stacks[si], row, sharded=True)
-                               for bi, (si, row) in enumerate(where) if si >= 0}}
+                    "step": self.state[group["params"][pi]]["step"].clone(),
+                    "blocks": {str(bi): block_state(plan.stacks[si], row)
+                               for bi, (si, row) in enumerate(plan.locations[pi]) if si >= 0}}
             offset += len(group["params"])
         return {"format": SHARDED_FORMAT, "state": state,
-                "param_groups": saved_groups(self.param_groups),
+                "param_groups": saved_groups(self.param_groups, self._group_steps()),
                 "counters": {"nonfinite_grad_skips": self._counters["nonfinite_grad_skips"]}}
 
+    def _template(self, index: int, config: ShampooConfig) -> _GroupPlan:
+        """Gives every parameter of a group that never stepped, if it requires
+        gradients, the state a first step would (zeros, step 0)."""
+        params = self.param_groups[index]["params"]
+        wanted = [pi for pi, p in enumerate(params) if p.requires_grad]
+        return self._add_live(index, config, wanted, 0) if wanted else self._plans[index]
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores :meth:`state_dict`'s or :meth:`sharded_state_dict`'s output
+        """Restores :meth:`state_dict`'s or :meth:`sharded_state_dict`'s output, or what
+        ``torch.distributed.checkpoint``'s ``get_optimizer_state_dict`` made of it
         (hyperparameters included, as ``torch.optim`` does), taking the blocks this rank
-        owns from whichever blocks the state holds. Raises ``ValueError`` for another
-        format, a state that does not fit these parameters, or one that lacks a block."""
+        owns from whichever blocks the state holds, and runs ``torch.optim``'s
+        load-state-dict hooks. Raises ``ValueError`` for another format, a state that
+        does not fit these parameters (naming the parameter and both shapes), one that
+        lacks a block, or NaN/Inf values; then the optimizer is unchanged. Warns where the
+        saved structure (``block_size``, ``preconditioner``, ...) differs from the
+        constructor's and for parameters that require gradients but have no saved state
+        (they start fresh)."""
+        state_dict = dict(state_dict)  # as torch.optim: hooks may edit the top level
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._load(state_dict)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _load(self, state_dict: dict[str, Any]) -> None:
         saved = check_state_dict(state_dict, self.param_groups)
-        configs = [ShampooConfig.from_group({**g, **s}) for g, s in zip(self.param_groups, saved)]
+        entries = state_dict["state"]
+        configs = [ShampooConfig.from_group({**g, **hyperparameters(s)})
+                   for g, s in zip(self.param_groups, saved)]
+        warn_structural_changes(saved, self.param_groups, STRUCTURAL_FIELDS)
+        warn_missing(self.param_groups, saved, entries)
         plans: list[_GroupPlan] = []
-        for group, config in zip(self.param_groups, configs):
-            plans.append(_build_plan(group["params"], config, self.foreach, self._data_parallel,
-                                     plans[-1] if plans else None))
-        for plan, entry in zip(plans, saved):
-            step = restore_blocks(plan.stacks, plan.locations, entry["params"],
-                                  state_dict["state"])
-            if step is not None:
-                plan.step = step
+        steps: list[dict[int, int]] = []
+        for group, config, entry in zip(self.param_groups, configs, saved):
+            live = [pi for pi, key in enumerate(entry["params"])
+                    if saved_entry(entries, key) is not None]
+            plan = _build_plan(group["params"], config, self.foreach, self._data_parallel,
+                               plans[-1] if plans else None, frozenset(live))
+            steps.append(restore_blocks(plan.stacks, plan.locations, entry["params"], entries,
+                                        live))
+            plan.step = int(entry.get(GROUP_STEP, max(steps[-1].values(), default=0)))
+            plans.append(plan)
+        # Everything checked: from here on nothing fails.
         for group, entry in zip(self.param_groups, saved):
-            group.update({k: v for k, v in entry.items() if k != "params"})
+            group.update(hyperparameters(entry))
         self._plans = plans
+        self.state = defaultdict(dict)
+        self._views = StateViews()
+        for group, plan, group_steps in zip(self.param_groups, plans, steps):
+            for pi, count in group_steps.items():
+                self.state[group["params"][pi]] = {"step": torch.tensor(float(count))}
+            self._views.refresh(self.state, group["params"], plan.stacks)
         self._counters.update(state_dict.get("counters", {}))
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim pickles only defaults/state/param_groups; ours lives beside them.
-        # Work in flight is waited for, so a copy holds its result (and no thread).
+        # Work in flight is waited for, so a copy holds its result (and no thread). The
+        # views are left out (a copy rebuilds them on its own stacks).
         self._wait_for_roots()
         state = super().__getstate__()
+        state["state"] = defaultdict(dict, {
+            p: {k: v for k, v in entry.items() if k != "blocks"}
+            for p, entry in self.state.items()})
         state.update(foreach=self.foreach, _plans=self._plans, _counters=self._counters,
                      _warned_nonfinite=self._warned_nonfinite, _roots=self._roots,
-                     _data_parallel=self._data_parallel)
+                     _data_parallel=self._data_parallel, _gather=self._gather)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._views = StateViews()
+        for group, plan in zip(self.param_groups, self._plans):
+            if plan is not None:
+                self._views.refresh(self.state, group["params"], plan.stacks)
 
     # --------------------------------------------------------------------- lifecycle
     def _wait_for_roots(self) -> None:
