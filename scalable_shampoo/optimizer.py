@@ -13,26 +13,26 @@ from __future__ import annotations
 import sys
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Callable, Iterable
 
 import torch
 
 from .async_roots import RootEvents, RootScheduler, resolve_root_delay
-from .blocking import BlockLayout, BlockRegion, block_layout, block_regions, region_view
+from .blocking import BlockRegion
 from .config import STRUCTURAL_FIELDS, ShampooConfig
-from .distributed import DataParallel, Exchange
+from .distributed import DataParallel
 from .distributed_state import StateGather
 from .eigenvalue_corrected import (EigenvalueCorrectedStack, basis_metrics,
                                    eigenvalue_corrected_direction_)
 from .grafting import graft, graft_direction_
 from .matrix_functions import newton_fraction
 from .param_state import StateViews, new_step
+from .plans import Gathered, GroupPlan, apply_updates, build_plan, gather, stack_live, structure
 from .preconditioner import BlockStack, StackState
 from .state_dicts import (GROUP_STEP, SHARDED_FORMAT, STATE_FORMAT, block_state,
                           check_state_dict, hyperparameters, load_block_state, restore_blocks,
                           saved_entry, saved_groups, warn_missing, warn_structural_changes)
-STACK_TYPES = {"shampoo": BlockStack, "eigenvalue_corrected": EigenvalueCorrectedStack}
 
 
 def momentum_direction_(momentum: torch.Tensor | None, direction: torch.Tensor,
@@ -52,130 +52,6 @@ def momentum_direction_(momentum: torch.Tensor | None, direction: torch.Tensor,
     return momentum, 1.0 / correction
 
 
-@dataclass(frozen=True)
-class _Piece:
-    """A region of one parameter, stored in a stack from ``row`` on."""
-
-    param: int
-    region: BlockRegion
-    row: int
-
-
-@dataclass
-class _GroupPlan:
-    """How one param group's parameters map onto block stacks.
-
-    Attributes:
-        layouts: per parameter, its block layout.
-        regions: per parameter, the regions of it this rank stacks (all of them, or with
-            data parallelism the boxes it owns), whether or not the parameter has state.
-        live: the parameters with state (those that have had a gradient); the stacks
-            hold their blocks only.
-        stacks: the group's block stacks.
-        pieces: per stack, the parameter regions it holds, in row order.
-        locations: per parameter, per block, ``(stack index, row in the stack)``; empty
-            for a parameter without state.
-        structure: the structural hyperparameters the plan was built with.
-        step: the group's step counter (steps where some parameter of the group had a
-            gradient): it schedules statistics and root steps. Bias corrections use each
-            parameter's own ``optimizer.state[p]["step"]``.
-        checked_root_setting: the (root_method, exponent_multiplier) last validated.
-        exchange: with data parallelism, the blocks' owners and the all-gather layout
-            (of every parameter, with state or not); the stacks then hold this rank's
-            blocks only, ``locations`` has ``(-1, -1)`` for the others'.
-    """
-
-    layouts: list[BlockLayout]
-    regions: list[list[BlockRegion]]
-    live: frozenset[int]
-    stacks: list[BlockStack]
-    pieces: list[list[_Piece]]
-    locations: list[list[tuple[int, int]]]
-    structure: tuple
-    step: int = 0
-    checked_root_setting: tuple | None = None
-    exchange: Exchange | None = None
-
-
-def _structure(config: ShampooConfig) -> tuple:
-    return tuple(getattr(config, name) for name in STRUCTURAL_FIELDS)
-
-
-def _work_dtype(param_dtype: torch.dtype) -> torch.dtype:
-    # Low-precision parameters keep their optimizer state and math in float32.
-    return torch.float64 if param_dtype == torch.float64 else torch.float32
-
-
-def _build_plan(params: list[torch.Tensor], config: ShampooConfig, batched: bool,
-                data_parallel: DataParallel | None = None,
-                previous: _GroupPlan | None = None,
-                live: frozenset[int] = frozenset()) -> _GroupPlan:
-    """The plan of a param group whose ``live`` parameters have state. With
-    ``data_parallel``, the blocks are assigned to ranks (balancing the loads on from
-    the ``previous`` group's) and the stacks get this rank's blocks only."""
-    layouts = [block_layout(p.shape, config.block_size, config.max_preconditioned_dim,
-                            config.precondition_1d) for p in params]
-    exchange = None if data_parallel is None else Exchange.plan(
-        params, layouts, data_parallel, previous.exchange if previous else None)
-    regions: list[list[BlockRegion]] = []
-    for pi, (param, layout) in enumerate(zip(params, layouts)):
-        own = [] if param.numel() == 0 else block_regions(layout, one_block_each=not batched)
-        if exchange is not None and own:  # this rank's boxes; the exchange records the others'
-            own = exchange.add_param(pi, own, _work_dtype(param.dtype), param.device)
-        regions.append(own)
-    plan = _GroupPlan(layouts, regions, live, [], [], [], _structure(config), exchange=exchange)
-    _stack_live(plan, params, config, batched)
-    return plan
-
-
-def _stack_live(plan: _GroupPlan, params: list[torch.Tensor], config: ShampooConfig,
-                batched: bool) -> None:
-    """Builds the plan's stacks (fresh state) for its live parameters' regions."""
-    stacks: list[BlockStack] = []
-    pieces: list[list[_Piece]] = []
-    locations: list[list[tuple[int, int]]] = []
-    index: dict[Any, int] = {}
-    for pi, (param, layout) in enumerate(zip(params, plan.layouts)):
-        if pi not in plan.live or param.numel() == 0:  # no state, or nothing to precondition
-            locations.append([])
-            continue
-        where: list[tuple[int, int]] = [(-1, -1)] * layout.num_blocks
-        for region in plan.regions[pi]:
-            key = ((region.block_shape, layout.preconditioned_dims, param.dtype, param.device)
-                   if batched else (pi, region.block_indices))
-            if key not in index:
-                index[key] = len(stacks)
-                stack_type = STACK_TYPES[config.preconditioner]
-                stacks.append(stack_type(region.block_shape, layout.preconditioned_dims, [],
-                                         _work_dtype(param.dtype), param.device, batched))
-                pieces.append([])
-            si = index[key]
-            stack = stacks[si]
-            pieces[si].append(_Piece(pi, region, len(stack.members)))
-            for bi in region.block_indices:
-                where[bi] = (si, len(stack.members))
-                stack.members.append((pi, bi))
-        locations.append(where)
-    for stack in stacks:
-        stack.allocate(config)
-    plan.stacks, plan.pieces, plan.locations = stacks, pieces, locations
-
-
-@dataclass
-class _Gathered:
-    """The gradient blocks of one stack for one step.
-
-    Attributes:
-        rows: the stack rows present (parameters with a usable gradient).
-        blocks: those rows' gradient blocks ``(len(rows), *block_shape)``, or None.
-        placements: each piece present and the position of its first block in ``blocks``.
-    """
-
-    rows: list[int]
-    blocks: torch.Tensor | None
-    placements: list[tuple[_Piece, int]]
-
-
 def _built_by_zero() -> bool:
     """Whether ``torch.distributed.optim.ZeroRedundancyOptimizer`` is constructing this
     optimizer (it builds its per-rank optimizer inside its own methods)."""
@@ -188,7 +64,7 @@ def _built_by_zero() -> bool:
     return False
 
 
-def _check_newton_exponents(plan: _GroupPlan, config: ShampooConfig, index: int) -> None:
+def _check_newton_exponents(plan: GroupPlan, config: ShampooConfig, index: int) -> None:
     """Fails before the first step, not at the first root step, when the Newton root
     cannot compute some block's exponent (of any parameter, with state or not yet)."""
     if config.root_method != "newton" or config.preconditioner != "shampoo":
@@ -283,7 +159,7 @@ class Shampoo(torch.optim.Optimizer):
         data_parallel = self._data_parallel
         self._gather = None if data_parallel is None else StateGather(
             data_parallel.group, data_parallel.rank, data_parallel.world_size)
-        self._plans: list[_GroupPlan | None] = []
+        self._plans: list[GroupPlan | None] = []
         self._views = StateViews()
         self._counters = {"root_computations": 0, "root_failures": 0,
                           "nonfinite_grad_skips": 0, "root_seconds": 0.0,
@@ -306,16 +182,16 @@ class Shampoo(torch.optim.Optimizer):
             raise
         self._plans.append(None)
 
-    def _plan(self, index: int, config: ShampooConfig) -> _GroupPlan:
+    def _plan(self, index: int, config: ShampooConfig) -> GroupPlan:
         params = self.param_groups[index]["params"]
         plan = self._plans[index]
         if plan is None:
-            plan = self._plans[index] = _build_plan(params, config, self.foreach,
+            plan = self._plans[index] = build_plan(params, config, self.foreach,
                                                     self._data_parallel,
                                                     self._plans[index - 1] if index else None)
-        elif plan.structure != _structure(config):
+        elif plan.structure != structure(config):
             changed = [name for name, old, new in
-                       zip(STRUCTURAL_FIELDS, plan.structure, _structure(config)) if old != new]
+                       zip(STRUCTURAL_FIELDS, plan.structure, structure(config)) if old != new]
             raise ValueError(f"{', '.join(changed)} of param group {index} cannot change after "
                              "the optimizer state was created")
         elif len(plan.layouts) != len(params) or any(
@@ -374,13 +250,13 @@ class Shampoo(torch.optim.Optimizer):
                      for g, p in zip(grads, params)]
         merged = [g.reshape(layout.merged_shape) if g is not None and g.numel() > 0 else None
                   for g, layout in zip(grads, plan.layouts)]
-        gathered = [_gather(stack, pieces, merged)
+        gathered = [gather(stack, pieces, merged)
                     for stack, pieces in zip(plan.stacks, plan.pieces)]
         bad = nonfinite if plan.exchange is not None else self._nonfinite_params(plan, gathered)
         self._note_skips(bad, step)
         if bad:  # rare: gather again without them, so no state of theirs is touched
             merged = [None if pi in bad else m for pi, m in enumerate(merged)]
-            gathered = [_gather(stack, pieces, merged)
+            gathered = [gather(stack, pieces, merged)
                         for stack, pieces in zip(plan.stacks, plan.pieces)]
 
         updated = [pi for pi, g in enumerate(grads) if g is not None and pi not in bad]
@@ -406,13 +282,13 @@ class Shampoo(torch.optim.Optimizer):
         if plan.exchange is not None:  # every rank gets every block's u = scale v
             updates, scale = self._data_parallel.gather(
                 plan.exchange, updates, scale, [m is not None for m in merged]), 1.0
-        _apply(params, plan.layouts, updates, config, scale)
+        apply_updates(params, plan.layouts, updates, config, scale)
         if counters:
             torch._foreach_add_(counters, 1.0)
         self._views.refresh(self.state, params, plan.stacks)
 
     def _add_live(self, index: int, config: ShampooConfig, newcomers: list[int],
-                  step: int) -> _GroupPlan:
+                  step: int) -> GroupPlan:
         """Gives ``newcomers`` (parameters of group ``index`` at their first gradient)
         state: the group's stacks are rebuilt with their blocks and the others' rows
         copied over. Roots computed but not yet in use are put in use first (up to
@@ -422,7 +298,7 @@ class Shampoo(torch.optim.Optimizer):
         for stack in old.stacks:
             self._count(self._roots.activate(stack, config, step, force=True))
         plan = replace(old, live=old.live | frozenset(newcomers))
-        _stack_live(plan, params, config, self.foreach)
+        stack_live(plan, params, config, self.foreach)
         for stack in plan.stacks:
             stack.ensure_buffers(config)
         for stack in old.stacks:
@@ -437,7 +313,7 @@ class Shampoo(torch.optim.Optimizer):
         self._views.refresh(self.state, params, plan.stacks, force=True)
         return plan
 
-    def _nonfinite_params(self, plan: _GroupPlan, gathered: list[_Gathered]) -> set[int]:
+    def _nonfinite_params(self, plan: GroupPlan, gathered: list[Gathered]) -> set[int]:
         """The parameters whose gradient has NaN/Inf entries."""
         bad: set[int] = set()
         present = [(stack, batch) for stack, batch in zip(plan.stacks, gathered)
@@ -465,7 +341,7 @@ class Shampoo(torch.optim.Optimizer):
                               "counted in metrics()['nonfinite_grad_skips'] without a warning.",
                               RuntimeWarning, stacklevel=6)  # the caller of optimizer.step()
 
-    def _stack_direction(self, stack: BlockStack, batch: _Gathered, config: ShampooConfig,
+    def _stack_direction(self, stack: BlockStack, batch: Gathered, config: ShampooConfig,
                          step: int, delay: int, param_steps: dict[int, int]
                          ) -> tuple[torch.Tensor, float] | None:
         """Statistics, roots, grafting and momentum for the active rows of a stack (the
@@ -687,7 +563,7 @@ class Shampoo(torch.optim.Optimizer):
                 "param_groups": saved_groups(self.param_groups, self._group_steps()),
                 "counters": {"nonfinite_grad_skips": self._counters["nonfinite_grad_skips"]}}
 
-    def _template(self, index: int, config: ShampooConfig) -> _GroupPlan:
+    def _template(self, index: int, config: ShampooConfig) -> GroupPlan:
         """Gives every parameter of a group that never stepped, if it requires
         gradients, the state a first step would (zeros, step 0)."""
         params = self.param_groups[index]["params"]
@@ -721,12 +597,12 @@ class Shampoo(torch.optim.Optimizer):
                    for g, s in zip(self.param_groups, saved)]
         warn_structural_changes(saved, self.param_groups, STRUCTURAL_FIELDS)
         warn_missing(self.param_groups, saved, entries)
-        plans: list[_GroupPlan] = []
+        plans: list[GroupPlan] = []
         steps: list[dict[int, int]] = []
         for group, config, entry in zip(self.param_groups, configs, saved):
             live = [pi for pi, key in enumerate(entry["params"])
                     if saved_entry(entries, key) is not None]
-            plan = _build_plan(group["params"], config, self.foreach, self._data_parallel,
+            plan = build_plan(group["params"], config, self.foreach, self._data_parallel,
                                plans[-1] if plans else None, frozenset(live))
             steps.append(restore_blocks(plan.stacks, plan.locations, entry["params"], entries,
                                         live))
@@ -783,54 +659,3 @@ class Shampoo(torch.optim.Optimizer):
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
-
-
-def _gather(stack: BlockStack, pieces: list[_Piece],
-            merged: list[torch.Tensor | None]) -> _Gathered:
-    """Copies the gradient blocks of ``stack`` (from ``merged``, per parameter its
-    gradient in the merged shape, None to leave it out) into one ``(rows, *block_shape)``
-    tensor in the work dtype: one strided copy per region, not per block."""
-    present = [piece for piece in pieces if merged[piece.param] is not None]
-    if not present:
-        return _Gathered([], None, [])
-    total = sum(piece.region.num_blocks for piece in present)
-    blocks = torch.empty((total, *stack.block_shape), dtype=stack.work_dtype,
-                         device=stack.device)
-    rows: list[int] = []
-    placements = []
-    position = 0
-    for piece in present:
-        region = piece.region
-        count = region.num_blocks
-        blocks[position:position + count].view((*region.counts, *region.block_shape)).copy_(
-            region_view(merged[piece.param], region))
-        rows.extend(range(piece.row, piece.row + count))
-        placements.append((piece, position))
-        position += count
-    return _Gathered(rows, blocks, placements)
-
-
-def _apply(params: list[torch.Tensor], layouts: list[BlockLayout],
-           updates: dict[int, list[tuple[BlockRegion, torch.Tensor]]],
-           config: ShampooConfig, scale: float) -> None:
-    """``p <- p - lr * wd * p`` (decoupled) then ``p <- p - lr * scale * v`` for every
-    parameter in ``updates`` (its regions' blocks of ``v``), through region views."""
-    if not updates:
-        return
-    if config.weight_decay and config.decoupled_weight_decay:
-        torch._foreach_mul_([params[pi] for pi in updates], 1 - config.lr * config.weight_decay)
-    targets, deltas = [], []
-    for pi, pieces in updates.items():
-        param, shape = params[pi], layouts[pi].merged_shape
-        if param.is_contiguous():
-            merged = param.view(shape)
-            for region, update in pieces:
-                targets.append(region_view(merged, region))
-                deltas.append(update.to(param.dtype))
-        else:  # e.g. channels_last: assemble the update, then one add
-            full = torch.empty(shape, dtype=param.dtype, device=param.device)
-            for region, update in pieces:
-                region_view(full, region).copy_(update)
-            targets.append(param)
-            deltas.append(full.view(param.shape))
-    torch._foreach_add_(targets, deltas, alpha=-config.lr * scale)
