@@ -104,6 +104,14 @@ class Shampoo(torch.optim.Optimizer):
             ranks (SPEC 5, :mod:`.distributed`); False keeps every block on every rank.
             Default True.
         process_group: the group to share over; None: the default group.
+
+    State (:mod:`.param_state`): ``optimizer.state[p]`` holds each parameter's ``step``
+    (a tensor, as ``torch.optim``) and views of its blocks' rows of the stacked storage;
+    parameters get state at their first gradient, and their own step count drives their
+    bias corrections. Unlike ``torch.optim``, replacing an entry of ``state[p]`` is not
+    seen by the optimizer (the stacks are the storage). Under data parallelism
+    :meth:`state_dict` is a collective that every rank must call
+    (:mod:`.distributed_state`).
     """
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
