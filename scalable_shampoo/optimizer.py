@@ -455,7 +455,8 @@ class Shampoo(torch.optim.Optimizer):
         - ``basis_refreshes``, ``basis_refreshes_skipped``, ``basis_failures``: bases
           of eigenvalue-corrected blocks recomputed, skipped (``basis_refresh_tolerance``)
           and rejected (NaN/Inf; the previous basis stayed in use).
-        - ``step``, ``num_blocks`` (of all parameters), ``num_block_stacks``.
+        - ``step`` (the largest group step counter), ``num_blocks`` (of the parameters
+          with state), ``num_block_stacks``.
         - ``world_size``, ``rank``, ``owned_blocks``: with data parallelism (SPEC 5) a
           rank holds the state of its ``owned_blocks`` only; then every entry except
           ``step``, ``num_blocks`` and ``nonfinite_grad_skips`` is this rank's alone.

@@ -71,3 +71,29 @@ def test_rank_zero_saving_a_replica_resumes_bitwise(records):
         result = torch.load(out / f"replica_{rank}.pt", weights_only=True)
         for a, b in zip(result["resumed"], result["uninterrupted"]):
             assert torch.equal(a, b)
+
+
+def test_the_dcp_checkpoint_of_two_ranks_resumes_in_one_process(records):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    out, (zero, _) = records
+    saved = torch.load(out / "rank0.pt", weights_only=True)
+    model = workers.make_model(torch.float64)
+    model.load_state_dict(saved["model"])
+    opt = Shampoo(model.parameters(), **checkpoint_workers.OPTIONS)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        template = {"optimizer": get_optimizer_state_dict(model, opt)}
+        dcp.load(template, checkpoint_id=out / "dcp", no_dist=True)
+    set_optimizer_state_dict(model, opt, template["optimizer"])
+    assert opt.metrics()["step"] == checkpoint_workers.SAVE_AT
+    for step in range(checkpoint_workers.SAVE_AT, checkpoint_workers.STEPS):
+        opt.zero_grad()
+        workers.loss_of(model, *workers.batch(step, dtype=torch.float64)).backward()
+        opt.step()
+    for p, q in zip(model.parameters(), zero["uninterrupted"]):
+        torch.testing.assert_close(p.detach(), q, rtol=1e-8, atol=1e-10)

@@ -309,3 +309,31 @@ def test_a_matching_state_loads_without_warnings(trained):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fresh.load_state_dict(opt.state_dict())
+
+
+def test_an_eigenvalue_corrected_layer_unfrozen_late_takes_adams_first_step():
+    """SOAP blocks: until a row has a basis its update is Adam's; a layer unfrozen after
+    the group's first bases takes AdamW's first step (its own step count), while its
+    stack-mate keeps its bases."""
+    torch.manual_seed(3)
+    late = torch.nn.Parameter(torch.randn(5, 4))
+    early = torch.nn.Parameter(torch.randn(5, 4))
+    opt = Shampoo([early, late], lr=0.01, betas=(0.9, 0.99), weight_decay=0.1, block_size=8,
+                  preconditioner="eigenvalue_corrected", precondition_frequency=4)
+    late.requires_grad_(False)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(9):
+        early.grad = torch.randn(5, 4, generator=gen)
+        opt.step()
+    bases = [b.clone() for b in opt.state[early]["blocks"][0]["roots"]]
+    late.requires_grad_(True)
+    start = late.detach().clone()
+    early.grad, late.grad = torch.randn(5, 4, generator=gen), torch.randn(5, 4, generator=gen)
+    adamw_param = torch.nn.Parameter(start.clone())
+    adamw = torch.optim.AdamW([adamw_param], lr=0.01, betas=(0.9, 0.99), weight_decay=0.1)
+    adamw_param.grad = late.grad.clone()
+    opt.step()
+    adamw.step()
+    torch.testing.assert_close(late.detach(), adamw_param.detach(), rtol=1e-6, atol=1e-7)
+    assert all(torch.equal(a, b) for a, b in zip(opt.state[early]["blocks"][0]["roots"], bases))
+    assert opt.state[late]["step"].item() == 1 and opt.state[early]["step"].item() == 10
