@@ -139,3 +139,22 @@ def replica(rank: int, world_size: int, out: Path) -> None:
     _train(rank, world_size, ddp, opt, SAVE_AT, STEPS)
     torch.save({"uninterrupted": uninterrupted, "resumed": workers.params_of(model)},
                out / f"replica_{rank}.pt")
+
+
+def resume_at_three(rank: int, world_size: int, out: Path) -> None:
+    """The 2-rank checkpoints resumed at 3 ranks: rank 0's gathered ``state_dict()``
+    file and the DCP checkpoint through ``set_optimizer_state_dict``."""
+    saved = torch.load(out / "rank0.pt", weights_only=True)
+    results = {}
+    for name in ("rank0", "dcp"):
+        model, ddp, opt = _setup()
+        model.load_state_dict(saved["model"])
+        if name == "rank0":
+            opt.load_state_dict(saved["optimizer"])
+        else:
+            template = {"optimizer": get_optimizer_state_dict(model, opt)}
+            dcp.load(template, checkpoint_id=out / "dcp")
+            set_optimizer_state_dict(model, opt, template["optimizer"])
+        _train(rank, world_size, ddp, opt, SAVE_AT, STEPS)
+        results[name] = workers.params_of(model)
+    torch.save(results, out / f"three_{rank}.pt")

@@ -97,3 +97,18 @@ def test_the_dcp_checkpoint_of_two_ranks_resumes_in_one_process(records):
         opt.step()
     for p, q in zip(model.parameters(), zero["uninterrupted"]):
         torch.testing.assert_close(p.detach(), q, rtol=1e-8, atol=1e-10)
+
+
+def test_checkpoints_of_two_ranks_resume_at_three(records):
+    out, (zero, _) = records
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        workers.run_ranks(3, checkpoint_workers.resume_at_three, out)
+    finally:
+        torch.set_num_threads(threads)
+    for rank in range(3):
+        result = torch.load(out / f"three_{rank}.pt", weights_only=True)
+        for name in ("rank0", "dcp"):
+            for p, q in zip(result[name], zero["uninterrupted"]):
+                torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-10)
