@@ -337,3 +337,30 @@ def test_an_eigenvalue_corrected_layer_unfrozen_late_takes_adams_first_step():
     torch.testing.assert_close(late.detach(), adamw_param.detach(), rtol=1e-6, atol=1e-7)
     assert all(torch.equal(a, b) for a, b in zip(opt.state[early]["blocks"][0]["roots"], bases))
     assert opt.state[late]["step"].item() == 1 and opt.state[early]["step"].item() == 10
+
+
+def test_a_state_dict_of_format_1_still_loads_and_resumes_bitwise():
+    """Format 1 (before per-parameter steps): one int step per entry, no group step
+    counter, pending roots as tensors. Built here from a current state dict."""
+    from scalable_shampoo.async_roots import decode_pending
+
+    options = {**OPTIONS, "root_delay": 2}
+    model = _model()
+    opt = Shampoo(model.parameters(), **options)
+    _train(model, opt, 8)  # step 8 launched roots that go into use at 10
+    saved = opt.state_dict()
+    old = {"format": "scalable_shampoo.shampoo/1", "counters": saved["counters"],
+           "param_groups": [{k: v for k, v in g.items() if k != "shampoo_step"}
+                            for g in saved["param_groups"]],
+           "state": {key: {"step": int(entry["step"]),
+                           "blocks": [{**b, "pending_roots": decode_pending(b["pending_roots"])}
+                                      for b in entry["blocks"]]}
+                     for key, entry in saved["state"].items()}}
+    assert any(b["pending_roots"] is not None for e in old["state"].values() for b in e["blocks"])
+    resumed_model = copy.deepcopy(model)
+    resumed = Shampoo(resumed_model.parameters(), **options)
+    resumed.load_state_dict(old)
+    _train(model, opt, 4, start=8)
+    _train(resumed_model, resumed, 4, start=8)
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
