@@ -17,12 +17,13 @@ nothing is copied per step::
         }},
     }
 
-``step`` is the source of truth for the parameter's step count (bias corrections use
-it); the views are the stacks' storage, so writing into them in place changes the
-optimizer. Replacing an entry (``state[p]["step"] = ...`` or ``... = v.to(device)``)
-is not seen by the optimizer's stacks, which differs from ``torch.optim``: move an
-optimizer with ``state_dict()`` / ``load_state_dict()``. A parameter has an entry once
-it has had a gradient (frozen and never-used parameters have none).
+``step`` is the source of truth for the parameter's step count (bias corrections read
+it every step, so a replaced ``step`` tensor is used); the views are the stacks'
+storage, so writing into them in place changes the optimizer, but replacing a view
+(``blocks[b]["momentum"] = v.to(device)``) is not seen by the stacks, which differs
+from ``torch.optim``: move an optimizer with ``state_dict()`` / ``load_state_dict()``.
+A parameter has an entry once it has had a gradient (frozen and never-used parameters
+have none).
 """
 
 from __future__ import annotations
