@@ -1,7 +1,7 @@
 """scalable-shampoo: Shampoo second-order optimization for PyTorch.
 
 ``Shampoo`` is a ``torch.optim.Optimizer``; ``ShampooConfig`` documents and validates
-its hyperparameters. See SPEC.md for the algorithm.
+its hyperparameters; ``help(Shampoo)`` describes the algorithm.
 """
 
 from .config import ShampooConfig

@@ -1,4 +1,4 @@
-"""Root computations scheduled with a delay, optionally on background workers (SPEC 4).
+"""Root computations scheduled with a delay, optionally on background workers.
 
 The paper's heterogeneous design: the accelerator keeps training while the host CPU
 computes inverse roots, and training uses the previous roots until the new ones arrive.
@@ -80,11 +80,15 @@ def default_root_workers() -> int:
 
 
 def resolve_root_delay(config: ShampooConfig, asynchronous: bool) -> int:
-    """``config.root_delay``, or its default: 0 when synchronous, else
-    ``max(1, precondition_frequency // 2)``. Raises ``ValueError`` for a delay of 0 with
-    background workers (the result could never be waited for without blocking)."""
+    """``config.root_delay``, or its default: 0 when synchronous (1 for the
+    eigenvalue-corrected variant, whose basis must not rotate the gradient it was computed
+    from), else ``max(1, precondition_frequency // 2)``. Raises ``ValueError`` for a
+    delay of 0 with background workers (the result could never be waited for without
+    blocking)."""
     if config.root_delay is None:
-        return max(1, config.precondition_frequency // 2) if asynchronous else 0
+        if asynchronous:
+            return max(1, config.precondition_frequency // 2)
+        return 1 if config.preconditioner == "eigenvalue_corrected" else 0
     if asynchronous and config.root_delay < 1:
         raise ValueError(f"root_delay must be in [1, precondition_frequency="
                          f"{config.precondition_frequency}] with async_roots=True, "
@@ -258,18 +262,25 @@ class RootScheduler:
             future = stack.pending.future if stack.pending is not None else None
             return future is not None and future.done() and future.exception() is not None
 
-        if not any(failed(stack) for stack in stacks):
-            return
-        errors = []
+        if any(failed(stack) for stack in stacks):
+            self.wait_all(stacks)
+
+    def wait_all(self, stacks: Sequence[RootWork]) -> float:
+        """Waits for the pending work of every stack; returns the seconds waited. If some
+        failed (each failed task is dropped), raises the first failure once, with a note
+        counting the others."""
+        errors, seconds = [], 0.0
         for stack in stacks:
             try:
-                self.wait(stack)
+                seconds += self.wait(stack)
             except Exception as error:  # noqa: PERF203 - the error path only
                 errors.append(error)
         if len(errors) > 1:
             errors[0].add_note(f"Shampoo: {len(errors) - 1} more block stack(s) failed the "
                                "same way; their roots in use were kept too.")
-        raise errors[0]
+        if errors:
+            raise errors[0]
+        return seconds
 
 
 # ------------------------------------------------------------------- checkpoints

@@ -1,4 +1,4 @@
-"""Parameter <-> block bookkeeping (SPEC 2.1): pure functions over shapes and tensors.
+"""Parameter <-> block bookkeeping: pure functions over shapes and tensors.
 
 A parameter is reshaped to its *merged shape* (size-1 dimensions squeezed, adjacent
 dimensions merged while their product stays <= ``block_size``), then cut into blocks:

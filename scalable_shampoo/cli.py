@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from . import __version__
 
 if TYPE_CHECKING:  # the bench extra is imported only by the compare command
     from .bench.compare import CompareSettings
@@ -63,13 +66,13 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
                          help="add a workload of your own: FUNCTION(seed) returns a "
                          "scalable_shampoo.bench.workloads.Workload (repeatable)")
     compare.add_argument("--optimizers", nargs="+", default=list(DEFAULT_OPTIMIZERS),
-                         metavar="SPEC", help="optimizers as kind[:key=value,...], kinds "
+                         metavar="OPTIMIZER", help="optimizers as kind[:key=value,...], kinds "
                          "shampoo, soap (Shampoo's eigenvalue-corrected variant with SOAP's "
                          "settings), adamw, adagrad, sgd; e.g. "
                          "shampoo:grafting=sgd,block_size=256; "
                          "lr=X fixes that optimizer's learning rate (default: "
                          f"{' '.join(DEFAULT_OPTIMIZERS)})")
-    compare.add_argument("--baseline", default=None, metavar="SPEC",
+    compare.add_argument("--baseline", default=None, metavar="OPTIMIZER",
                          help="optimizer whose best held-out loss is the target "
                          "(default: adamw if given, else the first)")
     compare.add_argument("--steps", type=_positive_int, default=None,
@@ -103,7 +106,10 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalable-shampoo",
                                      description="Shampoo second-order optimizer for PyTorch")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # Not required=True: argparse checks required arguments before unknown ones, so
+    # "--bogus" alone would be reported as a missing command (main checks it after).
+    commands = parser.add_subparsers(dest="command")
     quick = commands.add_parser("quickstart", help="train a small model with Shampoo and "
                                 "AdamW and print both losses")
     quick.add_argument("--steps", type=_positive_int, default=300,
@@ -144,11 +150,26 @@ def _compare_settings(args: argparse.Namespace) -> "CompareSettings":
         tensorboard=args.tensorboard, baseline=baseline, progress=not args.no_progress)
 
 
+def _warn(parser: argparse.ArgumentParser, message: str) -> None:
+    print(f"{parser.prog}: warning: {message}", file=sys.stderr)
+
+
+def _installed(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
 def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace,
              argv: list[str] | None) -> int:
-    from .bench import report
+    from .bench import BENCH_EXTRA_HINT, report
     from .bench.compare import prepare, run_comparison
 
+    if not args.no_progress and not _installed("tqdm"):
+        _warn(parser, f"tqdm is not installed: no progress bars ({BENCH_EXTRA_HINT})")
+        args.no_progress = True
     try:
         settings = _compare_settings(args)
         prepared = prepare(settings)
@@ -156,8 +177,15 @@ def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace,
         parser.error(str(error))
     results = run_comparison(settings, prepared)
     results = {"header": report.header(settings.as_dict(), argv), **results}
-    paths = report.write_all(results, settings.out)
+    # Results first, plots last: without matplotlib only the plots are lost.
+    paths = report.write_results(results, settings.out)
     print(report.format_text(results))
+    try:
+        paths += report.write_plots(results, settings.out)
+    except ImportError as error:
+        missing = (error.name or "matplotlib").split(".")[0]
+        _warn(parser, f"plots skipped: {missing} is not installed "
+              f"({BENCH_EXTRA_HINT})")
     print(f"\nwrote {', '.join(str(p) for p in paths)}"
           + (f" ({results['runs_reused']} of {results['runs_total']} runs reused)"
              if settings.resume else ""))
@@ -167,6 +195,8 @@ def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace,
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:
+        parser.error("a command is required: quickstart or compare")
     if args.command == "compare":
         return _compare(args.subparser, args, argv)
     if args.threads is not None:

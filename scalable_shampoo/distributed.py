@@ -1,17 +1,20 @@
-"""Data-parallel Shampoo over ``torch.distributed`` (SPEC 5).
+"""Data-parallel Shampoo over ``torch.distributed``.
 
 Every rank holds the whole model and, after the data-parallel all-reduce, the whole
 gradient. The preconditioner work is split instead of repeated: each block is owned by
 one rank (:func:`assign_blocks`, the same on every rank without communication), which
 keeps that block's statistics, roots, grafting and momentum state and computes its
-update direction. One all-gather per dtype bucket (flat buffers, :class:`Exchange`) then
-gives every rank every direction, and every rank applies the identical update, so the
-parameters stay bit-identical across ranks.
+update direction ``v``. One all-gather per dtype bucket (flat buffers, :class:`Exchange`)
+then gives every rank every direction as it was computed (a copy, nothing folded in), and
+every rank applies it with the float operations one process runs, so the parameters stay
+bit-identical across ranks and, given the same gradients, equal one process's.
 
 Every per-step decision is agreed on by all ranks (:meth:`DataParallel.agree`): which
 parameters are skipped (no gradient or NaN/Inf anywhere), and whether some rank failed.
 A rank that raises inside ``step()`` first joins the collective the other ranks wait in,
 marked as failed (:meth:`DataParallel.abort`), so every rank raises instead of hanging.
+The hyperparameters must be the same on every rank (:meth:`DataParallel.check`): before
+the first step the structure, and every step the values, travel as a fingerprint.
 
 Checkpoints are keyed by parameter and block index, never by rank, so they load at any
 world size; :func:`save_checkpoint` / :func:`load_checkpoint` write and read them with
@@ -20,6 +23,7 @@ world size; :func:`save_checkpoint` / :func:`load_checkpoint` write and read the
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import math
 import warnings
@@ -31,12 +35,13 @@ import torch
 import torch.distributed as dist
 
 from .blocking import BlockLayout, BlockRegion, block_regions
+from .gradient_screen import Skips, norm_limit, screen_whole
 
 if TYPE_CHECKING:
     from .config import ShampooConfig
 
-# Per-parameter gradient status, agreed by an all-reduce with MAX.
-_PRESENT, _ABSENT, _NONFINITE = 0, 1, 2
+# Per-parameter gradient status, agreed by an all-reduce with MAX (a NaN anywhere wins).
+_PRESENT, _ABSENT, _OVERFLOW, _NONFINITE = 0, 1, 2, 3
 
 
 class PeerFailure(RuntimeError):
@@ -276,13 +281,52 @@ def _all_gather(output: torch.Tensor, segment: torch.Tensor, group: Any) -> None
     gather(output, segment, group=group)
 
 
+# Per param group, ``(field, repr(value))`` pairs that must be the same on every rank.
+Description = list[list[tuple[str, str]]]
+
+
+def fingerprint(description: Description) -> int:
+    """A 62-bit digest of ``description``, the same in every process (``hash()`` of a
+    string is salted per process); it and its negation fit an int64."""
+    digest = hashlib.blake2b(repr(description).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
+def first_difference(descriptions: Sequence[Description]) -> str:
+    """What differs between the ranks' ``descriptions`` (one per rank), in words: the
+    first param group whose fields are not all equal, each such field with its values'
+    ranks."""
+    def values(per_rank: Sequence[Any]) -> str:
+        ranks: dict[Any, list[int]] = {}
+        for rank, value in enumerate(per_rank):
+            ranks.setdefault(value, []).append(rank)
+        return ", ".join(f"{value} on rank(s) {r}" for value, r in ranks.items())
+
+    counts = [len(d) for d in descriptions]
+    if len(set(counts)) > 1:
+        return f"the number of param groups must be the same on every rank, got {values(counts)}"
+    for index in range(counts[0]):
+        entries = [dict(d[index]) for d in descriptions]
+        differ = {}
+        for name in dict.fromkeys(name for entry in entries for name in entry):
+            per_rank = [entry.get(name, "nothing") for entry in entries]
+            if len(set(per_rank)) > 1:
+                differ[name] = values(per_rank)
+        if differ:
+            return (f"param group {index}: {', '.join(differ)} must be the same on every "
+                    "rank, got " + "; ".join(f"{k} = {v}" for k, v in differ.items()))
+    return "the ranks' hyperparameters differ"  # only for equal reprs of unequal digests
+
+
 class DataParallel:
     """The process group an optimizer shares its blocks over, and the per-step protocol.
 
-    Within one ``step()`` the ranks run, per param group, one agreement (a small
-    all-reduce) and, unless no parameter has a gradient, one all-gather per bucket.
-    ``_next`` is the collective the other ranks run next (of param group ``_group``),
-    which :meth:`abort` joins.
+    Within one ``step()`` the ranks run, before the first step (and after a
+    ``load_state_dict`` or ``add_param_group``) one check of the structure (a small
+    all-reduce, :meth:`check`), then per param group one agreement (a small all-reduce;
+    group 0's carries the fingerprint of every group's hyperparameters) and, unless no
+    parameter has a gradient, one all-gather per bucket. ``_next`` is the collective the
+    other ranks run next (of param group ``_group``), which :meth:`abort` joins.
     """
 
     def __init__(self, group: Any, rank: int, world_size: int) -> None:
@@ -293,6 +337,9 @@ class DataParallel:
         self._sizes: list[int] = []
         self._group = 0
         self._next: tuple[str, Exchange | None] | None = None
+        # This step's hyperparameters (group 0's agreement checks them) and their digest.
+        self._expected: Description = []
+        self._expected_digest = 0
 
     @classmethod
     def resolve(cls, distributed: bool, process_group: Any) -> "DataParallel | None":
@@ -320,10 +367,11 @@ class DataParallel:
         return self  # a process group is shared, not copied
 
     # ---------------------------------------------------------------- protocol
-    def begin_step(self, group_sizes: Sequence[int]) -> None:
-        """Starts a step over param groups of these sizes: group 0's agreement is next."""
+    def begin_step(self, group_sizes: Sequence[int], check: bool) -> None:
+        """Starts a step over param groups of these sizes: the structure's :meth:`check`
+        (if ``check``) or group 0's agreement is next."""
         self._sizes, self._group = list(group_sizes), 0
-        self._next = ("agree", None) if self._sizes else None
+        self._next = ("check", None) if check else ("agree", None) if self._sizes else None
 
     def _next_group(self) -> None:
         self._group += 1
@@ -336,61 +384,90 @@ class DataParallel:
             raise PeerFailure(f"Shampoo.step() failed on rank(s) {ranks} of {self.world_size} "
                               "(see the error raised there); no parameter was updated here")
 
-    def _agreement(self, statuses: list[int], failed: bool) -> list[int]:
-        vector = torch.zeros(self.world_size + len(statuses), dtype=torch.int32)
-        vector[self.rank] = int(failed)
-        vector[self.world_size:] = torch.tensor(statuses, dtype=torch.int32)
-        vector = vector.to(self.device)
+    def _flags(self, failed: bool) -> list[int]:
+        return [int(failed and rank == self.rank) for rank in range(self.world_size)]
+
+    def _max(self, values: list[int]) -> list[int]:
+        """An all-reduce with MAX of small integers."""
+        vector = torch.tensor(values, dtype=torch.int64).to(self.device)
         dist.all_reduce(vector, op=dist.ReduceOp.MAX, group=self.group)
         return vector.tolist()
 
+    def _agreement(self, statuses: list[int], failed: bool,
+                   description: Description | None = None, digest: int | None = None
+                   ) -> list[int]:
+        """One all-reduce (MAX) of ``[failed per rank] [d, -d] [statuses]``, ``d`` the
+        ``digest`` (default: the fingerprint) of ``description``; raises
+        :class:`PeerFailure` if a rank failed and, on every rank, ``ValueError`` naming
+        the field if the descriptions differ. Returns the agreed statuses."""
+        if digest is None:
+            digest = 0 if description is None else fingerprint(description)
+        agreed = self._max([*self._flags(failed), digest, -digest, *statuses])
+        self._raise_if_failed(agreed[:self.world_size])
+        if agreed[self.world_size] != -agreed[self.world_size + 1]:  # max != min: they differ
+            self._next = None  # every rank saw it: all of them gather the descriptions
+            everyone: list[Any] = [None] * self.world_size
+            dist.all_gather_object(everyone, description, group=self.group)
+            raise ValueError(f"{first_difference(everyone)} (data-parallel Shampoo applies "
+                             "one update on every rank)")
+        return agreed[self.world_size + 2:]
+
+    def check(self, structure: Description | None, values: Description) -> None:
+        """Raises ``ValueError`` on every rank, naming the param group and field, unless
+        every rank has the same hyperparameters. ``structure`` (the parameters' shapes
+        and dtypes and everything else a plan is built from), given when
+        :meth:`begin_step` was told to check, is compared now, in a collective of its
+        own; ``values`` (every hyperparameter, which may change between steps, e.g. lr
+        from a scheduler) travel with group 0's agreement, at no extra collective. Both
+        come before any state of the step changes."""
+        if structure is not None:
+            self._agreement([], False, structure)
+            self._next = ("agree", None) if self._sizes else None
+        if values is not self._expected:  # the optimizer passes the same object unchanged
+            self._expected, self._expected_digest = values, fingerprint(values)
+
     def agree(self, exchange: Exchange, grads: list[torch.Tensor | None],
               params: list[torch.Tensor],
-              config: "ShampooConfig") -> tuple[list[torch.Tensor | None], set[int]]:
+              config: "ShampooConfig") -> tuple[list[torch.Tensor | None], Skips]:
         """The next param group's gradients with None for every parameter skipped on some
-        rank, and the parameters skipped for NaN/Inf: the same on every rank, even if
-        the ranks' gradients differ. Checks the gradient the statistics will see (with
-        coupled weight decay ``g + wd p``). Raises :class:`PeerFailure` if a rank failed."""
+        rank, and the parameters skipped for NaN/Inf or for squares that overflow the
+        state (:mod:`.gradient_screen`): the same on every rank, even if the ranks'
+        gradients differ. Checks the gradient the statistics will see (with coupled
+        weight decay ``g + wd p``). Raises :class:`PeerFailure` if a rank failed, and in
+        group 0 ``ValueError`` if the hyperparameters (:meth:`check`) differ."""
         coupled = config.weight_decay and not config.decoupled_weight_decay
         checked = {i: g.add(p, alpha=config.weight_decay) if coupled else g
                    for i, (g, p) in enumerate(zip(grads, params))
-                   if g is not None and g.numel() > 0 and not g.is_sparse}
+                   if g is not None and g.numel() > 0}
         statuses = [_ABSENT if g is None else _PRESENT for g in grads]
-        # As in the single-process check: one host sync; a finite sum proves a gradient
-        # finite, the elementwise test runs only when some sum is not.
-        sums = [g.sum() for g in checked.values()]
-        if sums and not bool(torch.isfinite(torch.stack(
-                [s.to(sums[0].device, torch.float64) for s in sums])).all()):
-            for i, g in checked.items():
-                if not bool(torch.isfinite(g).all()):
-                    statuses[i] = _NONFINITE
-        agreed = self._agreement(statuses, False)
-        self._raise_if_failed(agreed[:self.world_size])
-        agreed = agreed[self.world_size:]
+        verdicts = screen_whole(list(checked.values()),
+                                [norm_limit(params[i].dtype, config.factor_dtype)
+                                 for i in checked])
+        for i, verdict in zip(checked, verdicts):
+            if verdict != "ok":
+                statuses[i] = _OVERFLOW if verdict == "overflow" else _NONFINITE
+        if self._group == 0:
+            agreed = self._agreement(statuses, False, self._expected, self._expected_digest)
+        else:
+            agreed = self._agreement(statuses, False)
         grads = [g if s == _PRESENT else None for g, s in zip(grads, agreed)]
         if any(g is not None for g in grads):
             self._next = ("gather", exchange)
         else:
             self._next_group()
-        return grads, {i for i, s in enumerate(agreed) if s == _NONFINITE}
+        return grads, Skips({i for i, s in enumerate(agreed) if s == _NONFINITE},
+                            {i for i, s in enumerate(agreed) if s == _OVERFLOW})
 
     def gather(self, exchange: Exchange,
-               updates: dict[int, list[tuple[BlockRegion, torch.Tensor]]], scale: float,
-               present: Sequence[bool]) -> dict[int, list[tuple[BlockRegion, torch.Tensor]]]:
-        """Every rank's update directions: this rank's ``updates`` (per parameter, its
-        boxes' directions ``v``) times ``scale`` go into its segments, one all-gather per
-        bucket, and the result holds, for every ``present`` parameter, all its boxes'
-        ``u = scale v`` (views of the buffers, identical on every rank)."""
+               directions: Sequence[tuple[int, BlockRegion, torch.Tensor]]) -> None:
+        """Every rank's update directions into the views of ``exchange.received``: this
+        rank's ``directions`` ``(param, box, v)`` are copied (exactly: nothing is folded
+        in, so that every rank applies what one process would) into its segments, then
+        one all-gather per bucket. Raises :class:`PeerFailure` if a rank failed."""
         exchange.allocate()
-        for param, parts in updates.items():
-            for region, update in parts:
-                torch.mul(update, scale, out=exchange.targets[(param, region.block_indices[0])])
+        for param, region, direction in directions:
+            exchange.targets[(param, region.block_indices[0])].copy_(direction)
         self._raise_if_failed(self._collect(exchange, failed=False))
-        result: dict[int, list[tuple[BlockRegion, torch.Tensor]]] = {}
-        for param, region, view in exchange.received:
-            if present[param]:
-                result.setdefault(param, []).append((region, view))
-        return result
 
     def _collect(self, exchange: Exchange, failed: bool) -> list[bool]:
         """The all-gathers of one group; returns, per rank, whether it failed."""
@@ -403,7 +480,7 @@ class DataParallel:
             _all_gather(bucket.buffer, own, self.group)
         self._next_group()
         if not buckets:  # nothing to gather (only empty parameters): exchange the status
-            return [bool(f) for f in self._agreement([], failed)]
+            return [bool(f) for f in self._max(self._flags(failed))]
         flags = torch.stack([b.buffer[b.segment - 1::b.segment] for b in buckets])
         return (flags != 0).any(dim=0).tolist()
 
@@ -415,8 +492,12 @@ class DataParallel:
         if pending is None or isinstance(error, PeerFailure):
             return
         kind, exchange = pending
-        if kind == "agree":
-            self._agreement([_PRESENT] * self._sizes[self._group], True)
+        if kind in ("check", "agree"):
+            statuses = [] if kind == "check" else [_PRESENT] * self._sizes[self._group]
+            try:
+                self._agreement(statuses, True)
+            except PeerFailure:  # its own failure flag, which every rank now saw
+                pass
         else:
             self._collect(exchange, failed=True)
         self._next = None

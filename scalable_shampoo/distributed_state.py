@@ -1,4 +1,4 @@
-"""A complete ``state_dict()`` under data parallelism (SPEC 5).
+"""A complete ``state_dict()`` under data parallelism.
 
 Each rank keeps the state of the blocks it owns only. ``Shampoo.state_dict()`` is what
 frameworks save (Lightning, the recipe "every rank calls ``state_dict()``, rank 0

@@ -1,4 +1,4 @@
-"""Eigenvalue-corrected Shampoo (SOAP, Vyas et al. 2024; SPEC 2.6): Adam run in the
+"""Eigenvalue-corrected Shampoo (SOAP, Vyas et al. 2024): Adam run in the
 eigenbases of the Kronecker factors.
 
 The blocks, factor statistics, batching of equal-shape blocks, NaN guard and state
@@ -22,19 +22,28 @@ Conventions and choices (the closing note of issue 6 discusses them):
   eigenvectors, by decreasing eigenvalue) in the work dtype; the identity until the first
   basis. Rotating into the bases is ``x x_i U_i^T``, i.e. :func:`~.preconditioner.precondition`
   with ``U_i``; rotating back uses ``U_i^T``.
-- The first moment is stored rotated, ``m' = m x_i U_i^T``. SPEC 2.6 keeps ``m`` in
+- The first moment is stored rotated, ``m' = m x_i U_i^T``. SOAP as published keeps ``m`` in
   parameter space and rotates it every step; since the rotation is linear and changes
   only at refreshes, rotating the stored ``m'`` by ``C_i = U_old^T U_new`` when a basis
   changes gives the same ``m'`` with one rotation per step fewer.
-- The second moment ``v`` follows eigenvalue rank across a refresh: the new column of the
-  ``r``-th largest eigenvalue inherits the ``v`` of the old column whose estimate
-  ``diag(U_old^T S U_old)`` on the current factor ranks ``r``-th. This is SOAP's rule
-  (keep ``v``, permuted as its QR refresh reorders the columns), stated so that it holds
-  for ``eigh`` refreshes too. It keeps the per-direction scale while eigenvectors of
-  close eigenvalues turn, where projecting ``v`` onto the new basis (``v x_i (C_i o C_i)``,
-  ``C_i = U_old^T U_new``) smears the large variances into the small ones; measured on
-  the ``autoencoder`` workload, projecting reached a clearly worse loss (issue 6's note).
-  Projecting is still used for the first basis, which replaces the identity.
+- Rounding stability. The eigenvectors of a repeated eigenvalue are arbitrary, and a
+  rank-deficient factor (fewer gradients than its size, a merged small layer) has a
+  large (near-)null space whose basis rounding picks. Two rules keep that choice out of
+  the trajectory: (1) along each factor, the basis columns whose eigenvalue estimate is
+  below ``epsilon * lambda_max`` (``relative_epsilon``; ``epsilon`` itself otherwise) are
+  *null directions*, whose rotated coordinates share one second moment, their mean
+  (:func:`pool_null_`), so Adam's per-coordinate normalization is invariant under any
+  rotation within the null space; (2) when a basis changes, ``v`` is projected onto the
+  new basis, ``v <- v x_i (C_i o C_i)`` with ``C_i = U_old^T U_new``, which depends on
+  the old null space only through its projector (its pooled ``v`` is one number).
+  SOAP's rule, carrying ``v`` by eigenvalue rank (``v`` permuted as its QR refresh
+  reorders the columns), pairs directions of the old and new null spaces arbitrarily: on
+  an MLP it made the trajectory change by 2-3% under a change of gradient summation
+  order, against 1e-6 with projection (issue 11's note). Together with the default
+  ``root_delay=1`` (a basis never rotates the gradient it was computed from, SOAP's
+  order: a basis from one gradient rotates that gradient into a few singular values and
+  rounding noise, which Adam's normalization turns into full-size steps) and float64
+  factors, rounding-level perturbations stay at rounding level.
 """
 
 from __future__ import annotations
@@ -92,16 +101,15 @@ class BasisResult:
         drift: ``(N,)`` float64, ``||offdiag(U^T S U)||_F / ||S||_F`` of the previous
             basis on the factor (how far it drifted since it was computed); measured
             only where it decides (``tolerance > 0``, a previous basis), NaN elsewhere.
-        source: ``(N, d)`` int64: for each column of the new basis, the column of the
-            previous basis with the same eigenvalue rank on the factor, whose second
-            moment it inherits (:meth:`EigenvalueCorrectedStack.install_roots`); ``j``
-            itself where not refreshed or without a previous basis.
+        eigenvalues: ``(N, d)`` the factor's eigenvalue estimates ``diag(U^T S U)`` on
+            the new basis' columns, which decide the null directions
+            (:func:`null_directions`).
     """
 
     basis: torch.Tensor
     refreshed: torch.Tensor
     drift: torch.Tensor
-    source: torch.Tensor
+    eigenvalues: torch.Tensor
 
 
 def refresh_bases(factors: torch.Tensor, bases: torch.Tensor, has_basis: torch.Tensor,
@@ -110,16 +118,13 @@ def refresh_bases(factors: torch.Tensor, bases: torch.Tensor, has_basis: torch.T
     each row has one yet (``has_basis``, ``(N,)`` bool). Rows without a basis get
     :func:`eigenbasis`; the others are skipped when ``tolerance > 0`` and their drift is
     at most ``tolerance``, else refreshed by ``method``: "eigh" or "qr"
-    (:func:`power_qr_step`). A refreshed row's ``source`` is the eigenvalue order of its
-    previous basis on the factor (:func:`eigenvalue_order`). Pure; computes in the dtype
-    of its inputs."""
+    (:func:`power_qr_step`). Pure; computes in the dtype of its inputs."""
     if method not in ("eigh", "qr"):
         raise ValueError(f"method must be 'eigh' or 'qr', got {method!r}")
     n, d, device = factors.shape[0], factors.shape[-1], factors.device
     warm = has_basis.to(device)
     drift = torch.full((n,), float("nan"), dtype=torch.float64, device=device)
     skip = torch.zeros(n, dtype=torch.bool, device=device)
-    source = torch.arange(d, device=device).expand(n, d).clone()
     new = bases.clone()
     if bool(warm.any()):
         factor_times_basis = factors @ bases
@@ -128,14 +133,45 @@ def refresh_bases(factors: torch.Tensor, bases: torch.Tensor, has_basis: torch.T
             drift = torch.where(warm, offdiagonal_ratio(projected, factors), drift)
             skip = warm & (drift <= tolerance)  # NaN drift: refreshed, then rejected
         order = eigenvalue_order(bases, factor_times_basis)
-        source = torch.where((warm & ~skip).unsqueeze(-1), order, source)
     by_qr = warm & ~skip if method == "qr" else torch.zeros_like(skip)
     by_eigh = ~skip & ~by_qr
     if bool(by_eigh.any()):
         new[by_eigh] = eigenbasis(factors[by_eigh])
     if bool(by_qr.any()):
         new[by_qr] = power_qr_step(factor_times_basis[by_qr], order[by_qr])
-    return BasisResult(new, ~skip, drift, source)
+    eigenvalues = (new * (factors @ new)).sum(dim=-2)
+    return BasisResult(new, ~skip, drift, eigenvalues)
+
+
+def null_directions(eigenvalues: torch.Tensor, epsilon: float,
+                    relative: bool = True) -> torch.Tensor:
+    """``(N, d)`` bool: the basis columns whose eigenvalue estimate is below
+    ``epsilon`` times the largest of their factor (``relative``; else below ``epsilon``).
+    Their eigenvectors are an arbitrary (rounding-chosen) basis of a (near-)null space,
+    so the rotated coordinates along them must be treated alike: :func:`pool_null_`."""
+    values = eigenvalues.clamp_min(0)
+    threshold = epsilon * values.amax(dim=-1, keepdim=True) if relative else epsilon
+    return values < threshold
+
+
+def pool_null_(second_moment: torch.Tensor, masks: list[torch.Tensor],
+               dims: tuple[int, ...]) -> torch.Tensor:
+    """Replaces, along each preconditioned ``dims[i]`` of the stacked ``(N, *shape)``
+    second moment, its entries at the null directions ``masks[i]`` ``(N, d)`` by their
+    mean. Adam's per-coordinate normalization is then invariant under any rotation
+    within a null space, so the update no longer depends on which basis of it rounding
+    picked (in exact arithmetic too, the eigenvectors of a repeated eigenvalue are
+    arbitrary). In place; returns ``second_moment``."""
+    for dim, mask in zip(dims, masks):
+        if not bool(mask.any()):
+            continue
+        moved = second_moment.movedim(dim + 1, -1)
+        shape = (mask.shape[0],) + (1,) * (moved.dim() - 2) + (mask.shape[1],)
+        weights = mask.to(moved.dtype).view(shape)
+        mean = (moved * weights).sum(dim=-1, keepdim=True) / weights.sum(
+            dim=-1, keepdim=True).clamp_min(1)
+        moved.copy_(torch.where(weights > 0, mean, moved))
+    return second_moment
 
 
 def adam_denominator(second_moment: torch.Tensor, beta2: float, step: int,
@@ -170,7 +206,7 @@ class BasisRecord(RootRecord):
 
 
 class EigenvalueCorrectedStack(BlockStack):
-    """A block stack whose root work refreshes the factors' eigenbases (SPEC 2.6).
+    """A block stack whose root work refreshes the factors' eigenbases.
 
     Its state holds the bases in ``roots``, the rotated first moment in ``momentum``
     and the rotated second moment in ``second_moment``; its record is a
@@ -188,11 +224,24 @@ class EigenvalueCorrectedStack(BlockStack):
                                   torch.zeros_like(base.failures))
         self.state.second_moment = torch.zeros((len(self.members), *self.block_shape),
                                                dtype=self.work_dtype, device=self.device)
+        # Per factor, the eigenvalue estimates of the basis in use (0: the identity).
+        self.eigenvalues = [torch.zeros(len(self.members), self.block_shape[d],
+                                        dtype=self.work_dtype, device=self.device)
+                            for d in self.dims]
 
     def extra_state(self) -> dict[str, torch.Tensor]:
         return {"second_moment": self.state.second_moment,
                 "basis_refreshes": self.record.refreshes,
-                "basis_refreshes_skipped": self.record.skips}
+                "basis_refreshes_skipped": self.record.skips,
+                **{f"basis_eigenvalues_{i}": values for i, values in enumerate(self.eigenvalues)}}
+
+    def null_masks(self, config: ShampooConfig, selection: torch.Tensor | None = None
+                   ) -> list[torch.Tensor]:
+        """Per factor, :func:`null_directions` of the bases in use (of the rows in
+        ``selection``; None: all), by ``epsilon`` and ``relative_epsilon``."""
+        values = (self.eigenvalues if selection is None else
+                  [v.index_select(0, selection.to(v.device)) for v in self.eigenvalues])
+        return [null_directions(v, config.epsilon, config.relative_epsilon) for v in values]
 
     def has_basis(self) -> bool:
         """Whether any block has a basis yet (until then every basis is the identity)."""
@@ -222,14 +271,12 @@ class EigenvalueCorrectedStack(BlockStack):
         with NaN/Inf entries (in the work dtype) is rejected and the previous one stays.
         Returns the number of rejected bases.
 
-        The first moment is rotated exactly. The second moment follows eigenvalue rank:
-        new column ``j`` takes the ``v`` of the old column ``source[j]`` (SOAP's rule).
-        A first basis, which replaces the identity after the Adam steps before it, has
-        no ranks to follow: there ``v`` becomes the diagonal, in the new basis, of the
-        estimate that was diagonal in the old, ``v <- v x_i (C_i o C_i)``."""
+        The first moment is rotated exactly. The second moment is projected: ``v``
+        becomes the diagonal, in the new basis, of the estimate that was diagonal in the
+        old, ``v <- v x_i (C_i o C_i)`` (see the module's note on rounding stability).
+        The new bases' eigenvalue estimates are kept: they decide the null directions."""
         rejected = 0
         rotations: list[torch.Tensor | None] = []  # per factor: U_old^T U_new, or None
-        carries: list[torch.Tensor | None] = []  # per factor: v's carry-over, or None
         for i, (result, basis) in enumerate(zip(results, self.state.roots)):
             # Decided where the result lives (the host, for background work), after the
             # cast to the work dtype.
@@ -240,7 +287,6 @@ class EigenvalueCorrectedStack(BlockStack):
             ok = ok.to(basis.device, non_blocking=True)
             failed_cpu = refreshed_cpu & ~ok_cpu
             record = self.record
-            first = (record.computed_at[:, i] == 0).to(basis.device, non_blocking=True)
             record.computed_at[:, i].masked_fill_(ok_cpu, computed_at)
             drift = result.drift.detach().to("cpu", torch.float64)
             record.residual[:, i] = torch.where(torch.isfinite(drift), drift,
@@ -251,27 +297,21 @@ class EigenvalueCorrectedStack(BlockStack):
             rejected += int(failed_cpu.sum())
             if not bool(ok_cpu.any()):
                 rotations.append(None)
-                carries.append(None)
                 continue
             rotation = basis.to(config.root_dtype).mT @ new.to(config.root_dtype)
             identity = torch.eye(rotation.shape[-1], dtype=rotation.dtype, device=rotation.device)
-            # permutation[a, j] = 1 where a is the source of new column j.
-            source = result.source.to(basis.device, non_blocking=True)
-            permutation = torch.nn.functional.one_hot(source, rotation.shape[-1]).mT
-            carry = torch.where(first.view(-1, 1, 1), rotation * rotation,
-                                permutation.to(rotation.dtype))
             rotations.append(torch.where(ok.view(-1, 1, 1), rotation, identity))
-            carries.append(torch.where(ok.view(-1, 1, 1), carry, identity))
             basis.copy_(torch.where(ok.view(-1, 1, 1), new, basis))
+            values = result.eigenvalues.to(basis.device, non_blocking=True).to(basis.dtype)
+            self.eigenvalues[i].copy_(torch.where(ok.view(-1, 1), values, self.eigenvalues[i]))
         if any(r is not None for r in rotations):
-            self._change_moments_basis(rotations, carries)
+            self._change_moments_basis(rotations)
         return rejected
 
-    def _change_moments_basis(self, rotations: list[torch.Tensor | None],
-                              carries: list[torch.Tensor | None]) -> None:
+    def _change_moments_basis(self, rotations: list[torch.Tensor | None]) -> None:
         """``m' <- m' x_i C_i`` with ``C_i = U_old^T U_new`` (exact: ``m`` in parameter
-        space is unchanged) and ``v <- v x_i K_i`` with the carry-over ``K_i`` of
-        :meth:`install_roots` (the identity for factors left as they were)."""
+        space is unchanged) and ``v <- v x_i (C_i o C_i)`` (the identity for factors
+        left as they were)."""
         state, dtype = self.state, self.work_dtype
         n = len(self.members)
 
@@ -284,22 +324,25 @@ class EigenvalueCorrectedStack(BlockStack):
 
         if state.momentum is not None:
             state.momentum.copy_(self.multiply(state.momentum, full(rotations)))
-        state.second_moment.copy_(self.multiply(state.second_moment, full(carries)))
+        squares = [None if r is None else r * r for r in rotations]
+        state.second_moment.copy_(self.multiply(state.second_moment, full(squares)))
 
 
 # ------------------------------------------------------------------------- direction
 def eigenvalue_corrected_direction_(stack: EigenvalueCorrectedStack, state: StackState,
                                     grads: torch.Tensor, config: ShampooConfig,
-                                    step: int) -> tuple[torch.Tensor, float]:
-    """SPEC 2.6 for the rows of ``state`` (the stack's state or a selection of it) with
-    gradient blocks ``grads``: returns ``(P, scale)``, the update ``u = scale * P``.
+                                    step: int, selection: torch.Tensor | None = None
+                                    ) -> tuple[torch.Tensor, float]:
+    """The eigenvalue-corrected step for the rows of ``state`` (the stack's state or a
+    selection of it, the rows ``selection`` of the stack; None: all) with gradient blocks
+    ``grads``: returns ``(P, scale)``, the update ``u = scale * P``.
 
     ``g' = g x_i U_i^T``; ``m' <- beta1 m' + (1 - beta1) g'``;
     ``v <- beta2 v + (1 - beta2) g'^2`` (``v += g'^2`` for ``beta2 == 1``);
     ``d' = m_hat' / (sqrt(v_hat) + adam_epsilon)`` (with Nesterov the numerator is
     ``beta1 m_hat' + (1 - beta1) g'``); ``P = d' x_i U_i``. The first moment's bias
     correction is returned as ``scale`` (it folds into the step size). With grafting,
-    ``P`` takes per block the norm of the grafting direction of ``g`` (SPEC 2.4, which
+    ``P`` takes per block the norm of the grafting direction of ``g`` (:mod:`.grafting`, which
     holds no momentum), and ``scale`` is 1. Updates ``state`` in place; ``grads`` is
     left as it is."""
     beta1, beta2 = config.betas
@@ -312,6 +355,8 @@ def eigenvalue_corrected_direction_(stack: EigenvalueCorrectedStack, state: Stac
         state.second_moment.addcmul_(g, g)
     else:
         state.second_moment.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    if rotated:
+        pool_null_(state.second_moment, stack.null_masks(config, selection), stack.dims)
     denominator = adam_denominator(state.second_moment, beta2, step, config.bias_correction,
                                    config.adam_epsilon)
     scale = 1.0

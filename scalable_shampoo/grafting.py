@@ -1,4 +1,4 @@
-"""Layer-wise grafting (SPEC 2.4): the Shampoo direction takes, per block, the norm of
+"""Layer-wise grafting: the Shampoo direction takes, per block, the norm of
 a first-order method's direction. Functions work on stacked blocks ``(N, *shape)``.
 
 The grafting methods keep no first moment: momentum is applied once, to the grafted
@@ -48,13 +48,16 @@ def block_norms(blocks: torch.Tensor) -> torch.Tensor:
     """Frobenius norm of each block of ``(N, *shape)``, shape ``(N,)``, in float64.
 
     Computed in the blocks' dtype first (a float64 copy of every block costs a full
-    extra pass); only when a norm came out as 0 or inf, which in float32 may be an
-    underflow or overflow rather than the truth, is it recomputed in float64."""
+    extra pass); only a norm that came out as 0 or inf, which in float32 may be an
+    underflow or overflow rather than the truth, is recomputed in float64. Only that
+    block's: a block's norm must not depend on which other blocks share its stack (with
+    data parallelism, a rank's stacks hold its own blocks only)."""
     flat = blocks.reshape(blocks.shape[0], -1)
     norms = torch.linalg.vector_norm(flat, dim=1).double()
-    if blocks.dtype != torch.float64 and not bool(
-            (torch.isfinite(norms) & (norms > 0)).all()):
-        norms = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64)
+    if blocks.dtype != torch.float64:
+        redo = ~(torch.isfinite(norms) & (norms > 0))
+        if bool(redo.any()):
+            norms[redo] = torch.linalg.vector_norm(flat[redo], dim=1, dtype=torch.float64)
     return norms
 
 

@@ -1,4 +1,4 @@
-"""Inverse p-th roots of symmetric positive semi-definite matrices (SPEC 2.3).
+"""Inverse p-th roots of symmetric positive semi-definite matrices.
 
 All functions take a batch ``(..., n, n)`` and return ``(A + epsilon I)^(-exponent)``
 for every matrix of the batch, together with a per-matrix residual that says how far
@@ -64,8 +64,8 @@ def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _eigh(_symmetric(matrix))
 
 
-def inverse_root_eigh(matrix: torch.Tensor, exponent: float,
-                      epsilon: float = 0.0) -> RootResult:
+def inverse_root_eigh(matrix: torch.Tensor, exponent: float, epsilon: float = 0.0,
+                      relative: bool = False) -> RootResult:
     """``(A + epsilon I)^(-exponent)`` by symmetric eigendecomposition.
 
     Eigenvalues are clamped at 0 (rounding can make a PSD matrix's smallest ones
@@ -75,7 +75,9 @@ def inverse_root_eigh(matrix: torch.Tensor, exponent: float,
     _check_root_args(matrix, exponent, epsilon)
     sym = _symmetric(matrix)
     values, vectors = _eigh(sym)
-    scaled = (values.clamp_min(0) + epsilon).pow(-exponent)
+    values = values.clamp_min(0)
+    ridge = ridge_of(values.amax(dim=-1), epsilon) if relative else epsilon
+    scaled = (values + (ridge.unsqueeze(-1) if relative else ridge)).pow(-exponent)
     root = _symmetric((vectors * scaled.unsqueeze(-2)) @ vectors.mT)
     # Reconstruction error on a fixed probe vector: O(n^2), where the full
     # V diag(values) V^T - A would cost another n^3 product per matrix.
@@ -86,6 +88,14 @@ def inverse_root_eigh(matrix: torch.Tensor, exponent: float,
     norm = torch.linalg.matrix_norm(sym).clamp_min(torch.finfo(sym.dtype).tiny)
     residual = torch.linalg.vector_norm((sym @ probe - reconstructed).squeeze(-1), dim=-1) / norm
     return RootResult(root, residual, 0)
+
+
+def ridge_of(largest: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """The relative regularization ``epsilon * lambda_max`` per matrix, given each
+    matrix's largest eigenvalue (or an estimate); 1 where ``lambda_max`` is 0, so
+    that a zero matrix's inverse root is the identity instead of infinite."""
+    ridge = largest.clamp_min(0) * epsilon
+    return torch.where(ridge > 0, ridge, torch.ones_like(ridge))
 
 
 def newton_fraction(exponent: float) -> Fraction:
@@ -100,7 +110,8 @@ def newton_fraction(exponent: float) -> Fraction:
 
 
 def inverse_root_newton(matrix: torch.Tensor, exponent: float, epsilon: float = 0.0,
-                        max_iterations: int = 100, tolerance: float = 1e-6) -> RootResult:
+                        max_iterations: int = 100, tolerance: float = 1e-6,
+                        relative: bool = False) -> RootResult:
     """``(A + epsilon I)^(-exponent)`` by the coupled Newton iteration (matmul only).
 
     With ``exponent = a / p``: scale so that the spectrum of ``M_0 = z A`` lies in
@@ -124,7 +135,10 @@ def inverse_root_newton(matrix: torch.Tensor, exponent: float, epsilon: float = 
     power, p = fraction.numerator, fraction.denominator
     n = matrix.shape[-1]
     identity = torch.eye(n, dtype=matrix.dtype, device=matrix.device)
-    a = _symmetric(matrix) + epsilon * identity
+    sym = _symmetric(matrix)
+    ridge = (ridge_of(largest_eigenvalue(sym), epsilon)[..., None, None] if relative
+             else epsilon)
+    a = sym + ridge * identity
     bound = torch.minimum(torch.linalg.matrix_norm(a),
                           torch.linalg.matrix_norm(a, ord=float("inf")))
     bound = torch.where(bound > 0, bound, torch.ones_like(bound))
@@ -158,13 +172,29 @@ def inverse_root_newton(matrix: torch.Tensor, exponent: float, epsilon: float = 
 
 def inverse_root(matrix: torch.Tensor, exponent: float, epsilon: float = 0.0,
                  method: str = "eigh", max_iterations: int = 100,
-                 tolerance: float = 1e-6) -> RootResult:
-    """``(A + epsilon I)^(-exponent)`` by ``method`` ("eigh" or "newton")."""
+                 tolerance: float = 1e-6, relative: bool = False) -> RootResult:
+    """``(A + epsilon I)^(-exponent)`` by ``method`` ("eigh" or "newton"); with
+    ``relative``, ``(A + epsilon lambda_max(A) I)^(-exponent)``."""
     if method == "eigh":
-        return inverse_root_eigh(matrix, exponent, epsilon)
+        return inverse_root_eigh(matrix, exponent, epsilon, relative)
     if method == "newton":
-        return inverse_root_newton(matrix, exponent, epsilon, max_iterations, tolerance)
+        return inverse_root_newton(matrix, exponent, epsilon, max_iterations, tolerance,
+                                   relative)
     raise ValueError(f"method must be 'eigh' or 'newton', got {method!r}")
+
+
+def largest_eigenvalue(matrix: torch.Tensor, iterations: int = 30) -> torch.Tensor:
+    """An estimate of each symmetric PSD matrix's largest eigenvalue by power iteration
+    from a fixed start vector (the Rayleigh quotient: a lower bound, within a fraction
+    of the gap to the next eigenvalue); matmul only, as the Newton root."""
+    n = matrix.shape[-1]
+    vector = torch.cos(torch.arange(n, dtype=matrix.dtype, device=matrix.device) * 1.2345) + 1.5
+    vector = (vector / torch.linalg.vector_norm(vector)).expand(*matrix.shape[:-1]).unsqueeze(-1)
+    tiny = torch.finfo(matrix.dtype).tiny
+    for _ in range(iterations):
+        vector = matrix @ vector
+        vector = vector / torch.linalg.vector_norm(vector, dim=-2, keepdim=True).clamp_min(tiny)
+    return (vector.mT @ (matrix @ vector)).squeeze(-1).squeeze(-1)
 
 
 def _check_root_args(matrix: torch.Tensor, exponent: float, epsilon: float) -> None:

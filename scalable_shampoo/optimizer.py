@@ -3,41 +3,45 @@
 The math lives elsewhere: shapes and blocks in :mod:`.blocking`, roots in
 :mod:`.matrix_functions`, factor statistics and preconditioning of stacked blocks in
 :mod:`.preconditioner`, grafting in :mod:`.grafting`, the eigenvalue-corrected variant in
-:mod:`.eigenvalue_corrected`; a block's state in and out of dicts in :mod:`.state_dicts`.
-This module decides, per step, which of those run on which blocks, and maps blocks back
-to parameters.
+:mod:`.eigenvalue_corrected`; which blocks of which parameters a group's stacks hold, and
+how updates reach the parameters, in :mod:`.plans`; saving and loading in
+:mod:`.optimizer_state` and :mod:`.state_dicts`. This module decides, per step, which of
+those run on which blocks.
 """
 
 from __future__ import annotations
 
+import numbers
 import sys
 import warnings
-from collections import defaultdict
 from dataclasses import replace
 from typing import Any, Callable, Iterable
 
 import torch
 
+from .argument_checks import (check_dense, check_dense_grads, check_group_keys,
+                              check_group_lr, explain_unknown_keywords)
 from .async_roots import RootEvents, RootScheduler, resolve_root_delay
 from .blocking import BlockRegion
 from .config import STRUCTURAL_FIELDS, ShampooConfig
-from .distributed import DataParallel
+from .distributed import DataParallel, Description
 from .distributed_state import StateGather
 from .eigenvalue_corrected import (EigenvalueCorrectedStack, basis_metrics,
                                    eigenvalue_corrected_direction_)
 from .grafting import graft, graft_direction_
+from .gradient_screen import Skips, unusable_params
 from .matrix_functions import newton_fraction
+from .optimizer_state import StateDictMethods
 from .param_state import StateViews, new_step
-from .plans import Gathered, GroupPlan, apply_updates, build_plan, gather, stack_live, structure
+from .plans import ApplyPlan, Gathered, GroupPlan, build_plan, gather, stack_live, structure
 from .preconditioner import BlockStack, StackState
-from .state_dicts import (GROUP_STEP, SHARDED_FORMAT, STATE_FORMAT, block_state,
-                          check_state_dict, hyperparameters, load_block_state, restore_blocks,
-                          saved_entry, saved_groups, warn_missing, warn_structural_changes)
+from .state_dicts import block_state, load_block_state
+from .step_journal import StepJournal
 
 
 def momentum_direction_(momentum: torch.Tensor | None, direction: torch.Tensor,
                         config: ShampooConfig, step: int) -> tuple[torch.Tensor, float]:
-    """SPEC 2.5: ``m <- beta1 m + (1 - beta1) P``; returns ``(v, scale)`` with
+    """Momentum: ``m <- beta1 m + (1 - beta1) P``; returns ``(v, scale)`` with
     ``u = scale * v`` equal to ``m_hat`` or, with Nesterov, ``beta1 m_hat + (1 - beta1) P``
     (``P`` itself when ``beta1 == 0``). The scalar bias correction is returned, not
     applied, so that it folds into the learning rate instead of costing a pass; with
@@ -50,6 +54,35 @@ def momentum_direction_(momentum: torch.Tensor | None, direction: torch.Tensor,
     if config.nesterov:
         return direction.mul_(1 - beta1).add_(momentum, alpha=beta1 / correction), 1.0
     return momentum, 1.0 / correction
+
+
+def update_scale(config: ShampooConfig, step: int) -> float:
+    """The ``scale`` of ``u = scale * v`` that every stack of a group returns with its
+    directions ``v`` (:func:`momentum_direction_`, ``eigenvalue_corrected_direction_``):
+    the first moment's bias correction ``1 / (1 - beta1^step)`` where ``v`` is the raw
+    first moment, else 1 (no momentum or bias correction, Nesterov, the eigenvalue-
+    corrected variant with grafting). A function of the config and the step, a
+    parameter's own step count (the same on every rank), so that with data parallelism
+    a rank that owns none of the parameter's blocks knows it too."""
+    beta1 = config.betas[0]
+    grafted_ec = config.preconditioner == "eigenvalue_corrected" and config.grafting != "none"
+    if beta1 == 0.0 or not config.bias_correction or config.nesterov or grafted_ec:
+        return 1.0
+    return 1.0 / (1 - beta1**step)
+
+
+def _described(fields: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(name, repr)`` per field, what the ranks compare (DataParallel.check): repr is
+    exact for floats; numbers are made Python ints and floats first, so that equal values
+    of other types (numpy's) compare equal."""
+    def canonical(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return tuple(canonical(v) for v in value)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return value
+        return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+    return [(name, repr(canonical(value))) for name, value in fields.items()]
 
 
 def _built_by_zero() -> bool:
@@ -81,28 +114,83 @@ def _check_newton_exponents(plan: GroupPlan, config: ShampooConfig, index: int) 
                     f"{config.exponent_multiplier}: {error}") from None
 
 
-class Shampoo(torch.optim.Optimizer):
+class Shampoo(StateDictMethods, torch.optim.Optimizer):
     """Shampoo: a Kronecker-factored preconditioner per (block of a) parameter.
 
-    See ``SPEC.md`` section 2 for the algorithm and :class:`ShampooConfig` for every
-    hyperparameter's meaning, range and default; each may also be set per param group.
+    Each parameter is cut into blocks (dimensions above ``block_size`` split, small
+    adjacent ones merged). For a block with ``k`` preconditioned dimensions the optimizer
+    keeps, per dimension ``i``, a factor ``S_i`` (``d_i x d_i``): an EMA of ``G_(i)
+    G_(i)^T``, the gradient unfolded along that dimension. Every
+    ``precondition_frequency`` steps it computes the inverse roots ``S_i^(-1/(2k))``
+    (regularized by ``epsilon``); the step direction is the gradient multiplied by each
+    root along its dimension, then rescaled, block by block, to the norm of a first-order
+    method's direction (*grafting*, Adam's by default, so learning rates are on Adam's
+    scale). Momentum and decoupled weight decay follow: ``p <- p - lr (m_hat + wd p)``.
+    With ``preconditioner="eigenvalue_corrected"`` (SOAP) Adam runs in the factors'
+    eigenbases instead. Non-finite gradients, and gradients too large to square in the
+    state's dtype, skip their parameter's step (counted in :meth:`metrics`).
+
+    Every hyperparameter may also be set per param group, as in ``torch.optim``. The common
+    ones are below; :class:`ShampooConfig` describes all of them (the rest:
+    ``statistics_frequency``, ``grafting_beta2``, ``root_method``, ``root_dtype``,
+    ``factor_dtype``, ``exponent_multiplier``, ``nesterov``, ``bias_correction``,
+    ``decoupled_weight_decay``, ``newton_max_iterations``, ``newton_tolerance``,
+    ``root_failure_threshold``, ``eigenbasis_method``, ``basis_refresh_tolerance``,
+    ``factor_beta``, ``precondition_1d``) with its range and default. Bad values raise a
+    ``ValueError`` or ``TypeError`` naming the argument, at construction or at the next
+    ``step()`` (before anything changes).
 
     Args:
         params: parameters or param groups, as for any ``torch.optim`` optimizer.
+        lr: step size, >= 0, in parameter units per unit of the (grafted) direction: with
+            the default Adam grafting, an AdamW learning rate is a good start. A float or
+            a one-element tensor (schedulers update it in place). Default 1e-3.
+        betas: ``(beta1, beta2)``: ``beta1`` in [0, 1) the momentum, an EMA of the step
+            direction (0: none; ``torch.optim.SGD``'s ``momentum``); ``beta2`` in (0, 1]
+            the EMA of the factors (1: their running sum). Default (0.9, 0.999).
+        epsilon: > 0, the factors' eigenvalue regularization, relative to each factor's
+            largest eigenvalue: roots of ``S + epsilon * lambda_max(S) I`` (absolute with
+            ``relative_epsilon=False``; see :class:`ShampooConfig`). Not AdamW's ``eps``:
+            that is ``grafting_epsilon``. Default 1e-6.
+        weight_decay: >= 0, per step, decoupled as in AdamW (``p -= lr * wd * p``) unless
+            ``decoupled_weight_decay=False``. Default 0.
+        block_size: >= 1, the largest block dimension, in elements: larger dimensions are
+            split into chunks of ``block_size`` (Meta's DistributedShampoo calls it
+            ``max_preconditioner_dim``). A factor costs ``block_size^2`` memory and its
+            root ``block_size^3`` time. Default 1024.
+        max_preconditioned_dim: >= 1, elements; a (merged) dimension larger than this
+            gets no factor at all (e.g. a large vocabulary). Default 8192.
+        precondition_frequency: >= 1, steps between root recomputations. Default 100.
+        start_preconditioning_step: >= 1, the first step (counted from 1) that uses roots;
+            before it the grafting method's direction is used. None (default):
+            ``precondition_frequency`` ("shampoo"), 1 ("eigenvalue_corrected").
+        grafting: "none", "sgd", "adagrad", "rmsprop" or "adam": the method whose
+            per-block step norm the preconditioned direction takes. None (default):
+            "adam" ("shampoo"), "none" ("eigenvalue_corrected").
+        grafting_epsilon: > 0, the denominator guard of adagrad/rmsprop/adam grafting, in
+            gradient units (AdamW's ``eps``). Default 1e-8.
+        preconditioner: "shampoo" or "eigenvalue_corrected" (SOAP). Default "shampoo".
+        adam_epsilon: > 0, "eigenvalue_corrected" only: Adam's ``eps`` in the
+            eigenbases, in gradient units. Default 1e-8.
+        root_delay: >= 0 steps between the statistics a root is computed from and its
+            use (the same trajectory with or without ``async_roots``). None (default): 0
+            (1 for "eigenvalue_corrected"), or ``max(1, precondition_frequency // 2)``
+            with ``async_roots``.
         foreach: stack equal-shape blocks and run batched kernels (default). False runs
             one block at a time through the reference kernels: slow, for testing.
         async_roots: compute inverse roots on background CPU worker threads while
-            training continues (SPEC 4); they go into use ``root_delay`` steps after the
-            statistics they were computed from, exactly as in the synchronous optimizer
-            with the same ``root_delay``. Call :meth:`close` (or use the optimizer as a
-            context manager) to stop the workers early; they also stop when the optimizer
-            is garbage collected. Default False.
+            training continues (:mod:`.async_roots`); they go into use ``root_delay``
+            steps after the statistics they were computed from, exactly as in the
+            synchronous optimizer with the same ``root_delay``. Call :meth:`close` (or use
+            the optimizer as a context manager) to stop the workers early; they also stop
+            when the optimizer is garbage collected. Default False.
         root_workers: worker threads for ``async_roots`` (each runs one intra-op thread).
             None: half the cores, at most 4.
         distributed: when ``torch.distributed`` is initialized (before the optimizer is
             built) with more than one process, share the preconditioner work over its
-            ranks (SPEC 5, :mod:`.distributed`); False keeps every block on every rank.
-            Default True.
+            ranks (:mod:`.distributed`); False keeps every block on every rank.
+            Every rank must then have the same param groups and hyperparameters (checked:
+            ``ValueError`` on every rank). Default True.
         process_group: the group to share over; None: the default group.
 
     State (:mod:`.param_state`): ``optimizer.state[p]`` holds each parameter's ``step``
@@ -112,24 +200,34 @@ class Shampoo(torch.optim.Optimizer):
     seen by the optimizer (the stacks are the storage). Under data parallelism
     :meth:`state_dict` is a collective that every rank must call
     (:mod:`.distributed_state`).
+
+    Example::
+
+        optimizer = Shampoo(model.parameters(), lr=1e-3, weight_decay=1e-4,
+                            block_size=512, precondition_frequency=50)
+        for batch in loader:
+            optimizer.zero_grad()
+            loss_fn(model(batch)).backward()
+            optimizer.step()
     """
 
+    @explain_unknown_keywords
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-                 lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 epsilon: float = 1e-12, weight_decay: float = 0.0, block_size: int = 1024,
+                 lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 epsilon: float = 1e-6, weight_decay: float = 0.0, block_size: int = 1024,
                  max_preconditioned_dim: int = 8192, precondition_frequency: int = 100,
                  start_preconditioning_step: int | None = None,
                  statistics_frequency: int = 1, grafting: str | None = None,
                  grafting_beta2: float = 0.999, grafting_epsilon: float = 1e-8,
                  root_method: str = "eigh", root_dtype: torch.dtype = torch.float64,
-                 factor_dtype: torch.dtype = torch.float32, exponent_multiplier: float = 1.0,
+                 factor_dtype: torch.dtype = torch.float64, exponent_multiplier: float = 1.0,
                  nesterov: bool = False, bias_correction: bool = True,
                  decoupled_weight_decay: bool = True, newton_max_iterations: int = 100,
                  newton_tolerance: float = 1e-6, root_failure_threshold: float = 0.1,
                  preconditioner: str = "shampoo", eigenbasis_method: str = "eigh",
                  basis_refresh_tolerance: float = 0.0, factor_beta: float | None = None,
                  adam_epsilon: float = 1e-8, root_delay: int | None = None,
-                 precondition_1d: bool | None = None, *,
+                 precondition_1d: bool | None = None, relative_epsilon: bool = True, *,
                  foreach: bool = True, async_roots: bool = False,
                  root_workers: int | None = None, distributed: bool = True,
                  process_group: Any = None) -> None:
@@ -148,7 +246,9 @@ class Shampoo(torch.optim.Optimizer):
             root_delay=root_delay,
             eigenbasis_method=eigenbasis_method, basis_refresh_tolerance=basis_refresh_tolerance,
             factor_beta=factor_beta, adam_epsilon=adam_epsilon, precondition_1d=precondition_1d,
+            relative_epsilon=relative_epsilon,
         ).as_dict()
+        defaults["lr"] = lr  # a tensor stays one, for schedulers (as in torch.optim)
         # None stays: each group resolves these by its own preconditioner.
         defaults["grafting"] = grafting
         defaults["precondition_1d"] = precondition_1d
@@ -170,33 +270,41 @@ class Shampoo(torch.optim.Optimizer):
         self._plans: list[GroupPlan | None] = []
         self._views = StateViews()
         self._counters = {"root_computations": 0, "root_failures": 0,
-                          "nonfinite_grad_skips": 0, "root_seconds": 0.0,
-                          "root_wait_seconds": 0.0}
-        self._warned_nonfinite = False
+                          "nonfinite_grad_skips": 0, "overflow_grad_skips": 0,
+                          "root_seconds": 0.0, "root_wait_seconds": 0.0}
+        self._warned: set[str] = set()  # the causes of skipped steps warned about
+        # Whether the ranks were found to agree on the structure (DataParallel.check).
+        self._ranks_agree = False
+        self._described_configs: tuple[list[ShampooConfig], Description] | None = None
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        group, index = self.param_groups[-1], len(self.param_groups) - 1
         try:
-            resolve_root_delay(ShampooConfig.from_group(group), self._roots.asynchronous)
+            check_group_keys(group, index)
+            config = ShampooConfig.from_group(group)
+            resolve_root_delay(config, self._roots.asynchronous)
             for param in group["params"]:
                 if not param.is_floating_point():
                     raise TypeError(f"Shampoo optimizes real floating-point parameters, got "
                                     f"a parameter of dtype {param.dtype}")
+            check_dense(group["params"], index)
+            check_group_lr(config, group["params"], index)
         except (ValueError, TypeError):
             self.param_groups.pop()
             raise
         self._plans.append(None)
+        self._ranks_agree = False
 
     def _plan(self, index: int, config: ShampooConfig) -> GroupPlan:
         params = self.param_groups[index]["params"]
         plan = self._plans[index]
         if plan is None:
             plan = self._plans[index] = build_plan(params, config, self.foreach,
-                                                    self._data_parallel,
-                                                    self._plans[index - 1] if index else None)
+                                                   self._data_parallel,
+                                                   self._plans[index - 1] if index else None)
         elif plan.structure != structure(config):
             changed = [name for name, old, new in
                        zip(STRUCTURAL_FIELDS, plan.structure, structure(config)) if old != new]
@@ -215,44 +323,119 @@ class Shampoo(torch.optim.Optimizer):
     # -------------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Performs one optimization step (SPEC 2.2-2.5) for every param group."""
+        """Performs one optimization step for every param group, all or nothing: bad
+        hyperparameters and sparse gradients are refused before anything changes, and a
+        root computation that raises leaves every parameter and state as it was (see
+        :mod:`.step_journal`)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._data_parallel is not None:
-            self._data_parallel.begin_step([len(g["params"]) for g in self.param_groups])
+        data_parallel = self._data_parallel
+        if data_parallel is not None:
+            data_parallel.begin_step([len(g["params"]) for g in self.param_groups],
+                                     check=not self._ranks_agree)
         try:
             # Validate every group before touching any, so a bad value leaves no partial step.
             configs = [ShampooConfig.from_group(group) for group in self.param_groups]
+            check_dense_grads(self.param_groups)
+            for index, (group, config) in enumerate(zip(self.param_groups, configs)):
+                check_group_lr(config, group["params"], index)
             delays = [resolve_root_delay(config, self._roots.asynchronous) for config in configs]
+            if data_parallel is not None:  # the same on every rank, or ValueError on every rank
+                described = None if self._ranks_agree else self._structure_description(configs)
+                data_parallel.check(described, self._values_description(configs))
+                self._ranks_agree = True
             plans = [self._plan(index, config) for index, config in enumerate(configs)]
             self._roots.raise_failures([stack for plan in plans for stack in plan.stacks])
-            for index, (config, delay) in enumerate(zip(configs, delays)):
-                self._step_group(index, config, delay)
+            journal = self._journal(configs, plans)
+            try:
+                for index, (config, delay) in enumerate(zip(configs, delays)):
+                    self._step_group(index, config, delay, journal)
+                    if journal is not None:
+                        journal.group_done(index)
+            except BaseException:
+                if journal is not None:
+                    journal.restore()
+                    self._refresh_views(force=True)
+                raise
         except Exception as error:
-            if self._data_parallel is not None:  # join what the other ranks wait in
-                self._data_parallel.abort(error)
+            if data_parallel is not None:  # join what the other ranks wait in
+                data_parallel.abort(error)
             raise
         return loss
 
-    def _step_group(self, index: int, config: ShampooConfig, delay: int) -> None:
+    def _journal(self, configs: list[ShampooConfig],
+                 plans: list[GroupPlan]) -> StepJournal | None:
+        """What makes this step all-or-nothing (:mod:`.step_journal`): with background
+        roots, waiting now for every result the step will use (a failed one raises
+        before anything changed; a parameter at its first gradient puts its stacks'
+        pending roots in use early); without, a journal when a group computes roots."""
+        def newcomers(plan: GroupPlan, index: int) -> bool:
+            params = self.param_groups[index]["params"]
+            return any(p.grad is not None and pi not in plan.live for pi, p in enumerate(params))
+
+        due = [[stack for stack in plan.stacks if stack.dims and (
+                config.is_root_step(plan.step + 1) or (stack.pending is not None and (
+                    stack.pending.activates_at <= plan.step + 1 or newcomers(plan, index))))]
+               for index, (config, plan) in enumerate(zip(configs, plans))]
+        if self._roots.asynchronous:
+            self._counters["root_wait_seconds"] += self._roots.wait_all(
+                [stack for stacks in due for stack in stacks])
+            return None
+        # A group without stacks yet may create them (parameters at their first gradient).
+        root_groups = [index for index, (config, plan) in enumerate(zip(configs, plans))
+                       if config.is_root_step(plan.step + 1) and (
+                           due[index] or len(plan.live) < len(plan.layouts))]
+        if not root_groups:
+            return None
+        return StepJournal(self._counters, self._warned, last_root_group=root_groups[-1])
+
+    def _values_description(self, configs: list[ShampooConfig]) -> Description:
+        """Every group's hyperparameters, for the per-step check: the same object while
+        they stay the same (its fingerprint is then not recomputed)."""
+        cached = self._described_configs
+        if cached is None or cached[0] != configs:
+            cached = self._described_configs = (configs,
+                                                [_described(c.as_dict()) for c in configs])
+        return cached[1]
+
+    def _structure_description(self, configs: list[ShampooConfig]) -> Description:
+        """Per group, what its plan and exchange are built from: the parameters' shapes
+        and dtypes, ``foreach`` and every hyperparameter."""
+        description = []
+        for group, config in zip(self.param_groups, configs):
+            params = group["params"]
+            shapes = {f"parameter {i}": f"{tuple(p.shape)} {p.dtype}"
+                      for i, p in enumerate(params)}
+            description.append([("number of parameters", str(len(params))),
+                                *shapes.items(), ("foreach", repr(self.foreach)),
+                                *_described(config.as_dict())])
+        return description
+
+    def _step_group(self, index: int, config: ShampooConfig, delay: int,
+                    journal: StepJournal | None) -> None:
         params = self.param_groups[index]["params"]
         plan = self._plans[index]
+        exchange = plan.exchange
+        apply = None
+        if exchange is not None:
+            # Whatever can fail in the apply (views, casts, buffers) is prepared before the
+            # agreement, which a rank that fails here joins as failed: then no rank has
+            # changed any state, and none can fail after the others applied the update.
+            exchange.allocate()
+            apply = ApplyPlan.prepare(params, plan.layouts,
+                                      [(pi, region) for pi, region, _ in exchange.received])
         grads = [p.grad for p in params]
-        nonfinite: set[int] = set()
-        if plan.exchange is not None:  # decided on whole gradients, the same on every rank
-            grads, nonfinite = self._data_parallel.agree(plan.exchange, grads, params, config)
-        if all(g is None for g in grads):
+        skips = Skips()
+        if exchange is not None:  # decided on whole gradients, the same on every rank
+            grads, skips = self._data_parallel.agree(exchange, grads, params, config)
+        if all(g is None for g in grads) and not skips.all():
             return
-        for g in grads:
-            if g is not None and g.is_sparse:
-                raise RuntimeError("Shampoo does not support sparse gradients")
-        plan.step += 1
-        step = plan.step
+        step = plan.step + 1
         newcomers = [pi for pi, g in enumerate(grads) if g is not None and pi not in plan.live]
         if newcomers:  # their first gradient: their state is created now
-            plan = self._add_live(index, config, newcomers, step)
+            plan = self._add_live(index, config, newcomers, step, journal)
         if config.weight_decay and not config.decoupled_weight_decay:
             grads = [None if g is None else g.add(p, alpha=config.weight_decay)
                      for g, p in zip(grads, params)]
@@ -260,49 +443,72 @@ class Shampoo(torch.optim.Optimizer):
                   for g, layout in zip(grads, plan.layouts)]
         gathered = [gather(stack, pieces, merged)
                     for stack, pieces in zip(plan.stacks, plan.pieces)]
-        bad = nonfinite if plan.exchange is not None else self._nonfinite_params(plan, gathered)
-        self._note_skips(bad, step)
-        if bad:  # rare: gather again without them, so no state of theirs is touched
+        if exchange is None:
+            skips = unusable_params([(stack, batch.rows, batch.blocks) for stack, batch
+                                     in zip(plan.stacks, gathered)], config.factor_dtype)
+        bad = skips.all()
+        if bad and exchange is None:  # rare: gather again without them, so no state of
+            # theirs is touched (agree() already left them out of the exchange's grads)
             merged = [None if pi in bad else m for pi, m in enumerate(merged)]
             gathered = [gather(stack, pieces, merged)
                         for stack, pieces in zip(plan.stacks, plan.pieces)]
-
+        if apply is None:  # one process: the boxes present, before any state changes
+            apply = ApplyPlan.prepare(params, plan.layouts,
+                                      [(piece.param, piece.region) for batch in gathered
+                                       for piece, _ in batch.placements])
+        # Each updated parameter's own step count (the same on every rank) drives its bias
+        # corrections, and so its update's scale.
         updated = [pi for pi, g in enumerate(grads) if g is not None and pi not in bad]
         counters = [self.state[params[pi]]["step"] for pi in updated]
         param_steps = {pi: int(t) + 1 for pi, t in zip(updated, counters)}
-        results = [(batch, self._stack_direction(stack, batch, config, step, delay, param_steps))
-                   for stack, batch in zip(plan.stacks, gathered)]
-        results = [(batch, result) for batch, result in results if result is not None]
-        # The momentum's bias correction u = scale v, one scalar unless the parameters'
-        # step counts differ (then each stack's v is scaled here).
-        scales = {scale for _, (_, scale) in results}
-        mixed = len(scales) > 1
-        scale = 1.0 if mixed or not scales else scales.pop()
-        updates: dict[int, list[tuple[BlockRegion, torch.Tensor]]] = {}
-        for batch, (direction, own_scale) in results:
-            if mixed:
-                direction = direction * own_scale
+        scales = {pi: update_scale(config, count) for pi, count in param_steps.items()}
+        if journal is not None:
+            journal.keep_value(plan, "step")
+            journal.keep_params(counters)
+        plan.step = step
+        self._note_skips(skips, step)
+
+        own: list[tuple[int, BlockRegion, torch.Tensor]] = []  # this rank's boxes' v
+        for stack, batch in zip(plan.stacks, gathered):
+            if journal is not None:
+                journal.keep_stack(stack)
+            direction = self._stack_direction(stack, batch, config, step, delay, param_steps)
+            if direction is None:
+                continue
             for piece, position in batch.placements:
                 region = piece.region
                 update = direction[position:position + region.num_blocks]
-                updates.setdefault(piece.param, []).append(
-                    (region, update.view((*region.counts, *region.block_shape))))
-        if plan.exchange is not None:  # every rank gets every block's u = scale v
-            updates, scale = self._data_parallel.gather(
-                plan.exchange, updates, scale, [m is not None for m in merged]), 1.0
-        apply_updates(params, plan.layouts, updates, config, scale)
+                own.append((piece.param, region,
+                            update.view((*region.counts, *region.block_shape))))
+        if exchange is None:
+            directions: list[torch.Tensor | None] = [v for _, _, v in own]
+        else:  # every rank gets every block's v, in the boxes apply was prepared for
+            if any(g is not None for g in grads):
+                self._data_parallel.gather(exchange, own)
+            directions = [view if merged[pi] is not None else None
+                          for pi, _, view in exchange.received]
+        if journal is not None:
+            journal.keep_params(list(apply.updated_params(directions).values()))
+        apply.run(directions, config, scales)
         if counters:
             torch._foreach_add_(counters, 1.0)
         self._views.refresh(self.state, params, plan.stacks)
 
     def _add_live(self, index: int, config: ShampooConfig, newcomers: list[int],
-                  step: int) -> GroupPlan:
+                  step: int, journal: StepJournal | None = None) -> GroupPlan:
         """Gives ``newcomers`` (parameters of group ``index`` at their first gradient)
         state: the group's stacks are rebuilt with their blocks and the others' rows
         copied over. Roots computed but not yet in use are put in use first (up to
-        ``root_delay`` steps early: a stack's rows share one pending computation)."""
+        ``root_delay`` steps early: a stack's rows share one pending computation). The
+        ``journal`` keeps the plan, the old stacks and the new state entries."""
         params = self.param_groups[index]["params"]
         old = self._plans[index]
+        if journal is not None:
+            journal.keep_item(self._plans, index)
+            for stack in old.stacks:
+                journal.keep_stack(stack)
+            for pi in newcomers:
+                journal.keep_item(self.state, params[pi])
         for stack in old.stacks:
             self._count(self._roots.activate(stack, config, step, force=True))
         plan = replace(old, live=old.live | frozenset(newcomers))
@@ -321,44 +527,39 @@ class Shampoo(torch.optim.Optimizer):
         self._views.refresh(self.state, params, plan.stacks, force=True)
         return plan
 
-    def _nonfinite_params(self, plan: GroupPlan, gathered: list[Gathered]) -> set[int]:
-        """The parameters whose gradient has NaN/Inf entries."""
-        bad: set[int] = set()
-        present = [(stack, batch) for stack, batch in zip(plan.stacks, gathered)
-                   if batch.blocks is not None]
-        # A finite sum proves every entry finite in one cheap pass, and one host sync per
-        # group decides; the elementwise test runs only when some sum is not finite
-        # (NaN/Inf, or a sum that overflowed).
-        sums = [batch.blocks.reshape(batch.blocks.shape[0], -1).sum(dim=1) for _, batch in present]
-        if not sums or bool(torch.isfinite(torch.cat([s.to(sums[0].device) for s in sums])).all()):
-            return bad
-        for stack, batch in present:
-            finite = torch.isfinite(batch.blocks.reshape(batch.blocks.shape[0], -1)).all(dim=1)
-            bad.update(stack.members[batch.rows[j]][0]
-                       for j in (~finite).nonzero().flatten().tolist())
-        return bad
+    def _refresh_views(self, force: bool = False) -> None:
+        """Points ``optimizer.state[p]["blocks"]`` at every stack's current storage."""
+        for group, plan in zip(self.param_groups, self._plans):
+            if plan is not None:
+                self._views.refresh(self.state, group["params"], plan.stacks, force)
 
-    def _note_skips(self, bad: set[int], step: int) -> None:
-        """Counts the parameters skipped for NaN/Inf gradients (warned once)."""
-        if bad:
-            self._counters["nonfinite_grad_skips"] += len(bad)
-            if not self._warned_nonfinite:
-                self._warned_nonfinite = True
-                warnings.warn(f"Shampoo: skipped {len(bad)} parameter(s) with NaN/Inf gradients "
+    def _note_skips(self, skips: Skips, step: int) -> None:
+        """Counts the parameters skipped for NaN/Inf or overflowing gradients (each cause
+        warned once)."""
+        for cause, params, counter, what in (
+                ("nonfinite", skips.nonfinite, "nonfinite_grad_skips", "NaN/Inf gradients"),
+                ("overflow", skips.overflow, "overflow_grad_skips",
+                 "gradients whose squares overflow the optimizer state's dtype")):
+            if not params:
+                continue
+            self._counters[counter] += len(params)
+            if cause not in self._warned:
+                self._warned.add(cause)
+                warnings.warn(f"Shampoo: skipped {len(params)} parameter(s) with {what} "
                               f"at step {step}; their state is untouched. Later skips are "
-                              "counted in metrics()['nonfinite_grad_skips'] without a warning.",
+                              f"counted in metrics()[{counter!r}] without a warning.",
                               RuntimeWarning, stacklevel=6)  # the caller of optimizer.step()
 
     def _stack_direction(self, stack: BlockStack, batch: Gathered, config: ShampooConfig,
                          step: int, delay: int, param_steps: dict[int, int]
-                         ) -> tuple[torch.Tensor, float] | None:
+                         ) -> torch.Tensor | None:
         """Statistics, roots, grafting and momentum for the active rows of a stack (the
-        ``batch``); returns their update directions ``u`` as ``(v, scale)``, ``u = scale
-        * v`` (SPEC 2.2-2.5), or None without active rows. ``step`` (the group's)
-        schedules statistics and roots: roots launched at a root step go into use
-        ``delay`` steps later (SPEC 4); each row's parameter step (``param_steps``)
-        drives its bias corrections and its start of preconditioning. Overwrites the
-        batch's blocks."""
+        ``batch``); returns their directions ``v`` (the update of a parameter at step
+        ``t`` is ``u = update_scale(config, t) * v``), or None without active rows.
+        ``step`` (the group's) schedules statistics and roots: roots launched at a root
+        step go into use ``delay`` steps later (:mod:`.async_roots`); each row's
+        parameter step (``param_steps``) drives its bias corrections and its start of
+        preconditioning. Overwrites the batch's blocks."""
         rows, blocks = batch.rows, batch.blocks
         stack.ensure_buffers(config)
         everyone = len(rows) == len(stack.members)
@@ -381,7 +582,7 @@ class Shampoo(torch.optim.Optimizer):
         if len(steps) == 1:
             return self._direction(stack, state, selection, blocks, config, steps.pop(), delay)
         # Rows of parameters with different step counts (some started late or skipped a
-        # step): each count's rows apart, the bias correction applied here.
+        # step): each count's rows apart.
         row_steps = torch.tensor([param_steps[piece.param] for piece, _ in batch.placements
                                   for _ in range(piece.region.num_blocks)])
         update = torch.empty_like(blocks)
@@ -389,30 +590,34 @@ class Shampoo(torch.optim.Optimizer):
         for count in sorted(steps):
             where = (row_steps == count).nonzero().flatten()
             part = all_rows[where]
-            direction, scale = self._direction(stack, stack.state.select(part), part,
-                                               blocks[where], config, count, delay)
-            update[where] = direction * scale
-        return update, 1.0
+            update[where] = self._direction(stack, stack.state.select(part), part,
+                                            blocks[where], config, count, delay)
+        return update
 
     def _direction(self, stack: BlockStack, state: StackState, selection: torch.Tensor | None,
                    blocks: torch.Tensor, config: ShampooConfig, step: int,
-                   delay: int) -> tuple[torch.Tensor, float]:
-        """Grafting, preconditioning and momentum (SPEC 2.4-2.6) of rows whose parameters
-        are at ``step``: ``state`` is theirs (``selection`` of the stack; None: all rows,
-        then ``state`` is the stack's), written back."""
+                   delay: int) -> torch.Tensor:
+        """Grafting, preconditioning and momentum (eigenvalue-corrected blocks: Adam in
+        the eigenbases) of rows whose parameters are at ``step``: ``state`` is theirs
+        (``selection`` of the stack; None: all rows, then ``state`` is the stack's),
+        written back. Returns ``v``, whose scale is ``update_scale(config, step)``."""
         if isinstance(stack, EigenvalueCorrectedStack):
-            return self._eigenvalue_corrected_direction(stack, state, selection, blocks,
-                                                        config, step)
-        direction = graft_direction_(config.grafting, blocks, state.graft, step,
-                                     config.grafting_beta2, config.grafting_epsilon)
-        if stack.dims and step >= config.preconditioning_start + delay:
-            preconditioned = stack.precondition(state, blocks)
-            direction = (preconditioned if config.grafting == "none"
-                         else graft(preconditioned, direction, inplace=True))
-        update, scale = momentum_direction_(state.momentum, direction, config, step)
+            update, scale = eigenvalue_corrected_direction_(stack, state, blocks, config, step,
+                                                            selection)
+        else:
+            direction = graft_direction_(config.grafting, blocks, state.graft, step,
+                                         config.grafting_beta2, config.grafting_epsilon)
+            if stack.dims and step >= config.preconditioning_start + delay:
+                preconditioned = stack.precondition(state, blocks)
+                direction = (preconditioned if config.grafting == "none"
+                             else graft(preconditioned, direction, inplace=True))
+            update, scale = momentum_direction_(state.momentum, direction, config, step)
         if selection is not None:
             stack.state.assign(selection, state)
-        return update, scale
+        if scale != update_scale(config, step):
+            raise RuntimeError(f"internal: a block stack returned scale {scale}, "
+                               f"update_scale gives {update_scale(config, step)}")
+        return update
 
     def _count(self, events: RootEvents) -> None:
         self._counters["root_computations"] += events.computed
@@ -420,27 +625,18 @@ class Shampoo(torch.optim.Optimizer):
         self._counters["root_seconds"] += events.seconds
         self._counters["root_wait_seconds"] += events.wait_seconds
 
-    @staticmethod
-    def _eigenvalue_corrected_direction(stack: EigenvalueCorrectedStack, state: StackState,
-                                        selection: torch.Tensor | None, blocks: torch.Tensor,
-                                        config: ShampooConfig, step: int
-                                        ) -> tuple[torch.Tensor, float]:
-        """SPEC 2.6 for a stack's active rows (``selection``; None: all rows): Adam in
-        the factors' eigenbases, whose first moment replaces the momentum of 2.5."""
-        update, scale = eigenvalue_corrected_direction_(stack, state, blocks, config, step)
-        if selection is not None:
-            stack.state.assign(selection, state)
-        return update, scale
-
     # ----------------------------------------------------------------------- metrics
     def metrics(self) -> dict[str, float]:
-        """Flat diagnostics (SPEC 6). Counters are totals since construction:
+        """Flat diagnostics. Counters are totals since construction:
 
         - ``root_computations``: inverse roots computed (one per factor and refresh;
           eigenvalue-corrected blocks: basis refreshes, done or skipped).
         - ``root_failures``: roots rejected (NaN/Inf or residual above threshold); the
           previous root stayed in use (eigenvalue-corrected blocks: bases rejected).
         - ``nonfinite_grad_skips``: parameter updates skipped for NaN/Inf gradients.
+        - ``overflow_grad_skips``: parameter updates skipped for finite gradients too
+          large to square in the state's dtype (a block norm above 1.8e19 in float32):
+          the factors and second moments would become Inf for good.
         - ``root_seconds``: wall time spent computing roots (on the workers, with
           ``async_roots``), counted when they go into use.
         - ``root_wait_seconds``: time the training thread waited for background roots.
@@ -457,9 +653,10 @@ class Shampoo(torch.optim.Optimizer):
           and rejected (NaN/Inf; the previous basis stayed in use).
         - ``step`` (the largest group step counter), ``num_blocks`` (of the parameters
           with state), ``num_block_stacks``.
-        - ``world_size``, ``rank``, ``owned_blocks``: with data parallelism (SPEC 5) a
-          rank holds the state of its ``owned_blocks`` only; then every entry except
-          ``step``, ``num_blocks`` and ``nonfinite_grad_skips`` is this rank's alone.
+        - ``world_size``, ``rank``, ``owned_blocks``: with data parallelism
+          (:mod:`.distributed`) a rank holds the state of its ``owned_blocks`` only; then
+          every entry except ``step``, ``num_blocks`` and the ``*_grad_skips`` is this
+          rank's alone.
         """
         plans = [p for p in self._plans if p is not None]
         residual, age, state_bytes, blocks, stacks, in_flight = 0.0, 0, 0, 0, 0, 0
@@ -488,183 +685,58 @@ class Shampoo(torch.optim.Optimizer):
             **basis_metrics(stack for plan in plans for stack in plan.stacks),
         }
 
-    # -------------------------------------------------------------------- state dict
-    def state_dict(self) -> dict[str, Any]:
-        """The full state, in ``torch.optim``'s layout: per parameter with state (by
-        index) its ``step`` and, per block, the factors, roots in use, grafting and
-        momentum state (eigenvalue-corrected blocks: the bases in "roots", the rotated
-        moments, the basis counts), and roots computed but not yet in use (waiting for
-        background work in flight); per group its hyperparameters and step counter.
-        Tensors are copies. Runs ``torch.optim``'s state-dict hooks.
-
-        With data parallelism it is a collective: it gathers every rank's blocks, so that
-        each rank holds the whole state (loadable at any world size), and every rank of
-        the group must call it; called on some ranks only it raises ``RuntimeError``
-        with the fix (see :mod:`.distributed_state`). :meth:`sharded_state_dict` gives
-        this rank's blocks without communication."""
-        for hook in self._optimizer_state_dict_pre_hooks.values():
-            hook(self)
-        state_dict = (self._gathered_state_dict() if self._gather is not None
-                      else self._full_state_dict())
-        for hook in self._optimizer_state_dict_post_hooks.values():
-            result = hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        return state_dict
-
-    def _full_state_dict(self) -> dict[str, Any]:
-        self._wait_for_roots()
-        state, offset = {}, 0
-        for gi, group in enumerate(self.param_groups):
-            plan = self._plans[gi]
-            for pi in sorted(plan.live) if plan is not None else ():
-                state[offset + pi] = {
-                    "step": self.state[group["params"][pi]]["step"].clone(),
-                    "blocks": [block_state(plan.stacks[si], row)
-                               for si, row in plan.locations[pi]]}
-            offset += len(group["params"])
-        return {"format": STATE_FORMAT, "state": state,
-                "param_groups": saved_groups(self.param_groups, self._group_steps()),
-                "counters": dict(self._counters)}
-
-    def _gathered_state_dict(self) -> dict[str, Any]:
-        plans = [p for p in self._plans if p is not None]
-        self._gather.handshake(sum(len(s.members) for p in plans for s in p.stacks),
-                               sum(len(where) for p in plans for where in p.locations))
-        sharded = self.sharded_state_dict()
-        counts, offset = {}, 0
-        for group, plan in zip(self.param_groups, self._plans):
-            counts.update({offset + pi: len(plan.locations[pi]) for pi in sorted(plan.live)})
-            offset += len(group["params"])
-        return {**sharded, "format": STATE_FORMAT,
-                "state": self._gather.gather(sharded["state"], counts)}
-
-    def _group_steps(self) -> list[int]:
-        return [0 if plan is None else plan.step for plan in self._plans]
-
-    def sharded_state_dict(self) -> dict[str, Any]:
-        """The state for ``torch.distributed.checkpoint``, keyed by parameter and block
-        index (strings), never by rank: per parameter with state, ``"blocks"`` holds the
-        blocks this rank owns (all without data parallelism), so the ranks' union is the
-        whole state at any world size; of the counters only the rank-independent
-        ``nonfinite_grad_skips``. In an optimizer that has not stepped, allocates the
-        state a first step with every gradient would (of the parameters that require
-        gradients), so that it is also the template DCP loads into. Tensors are copies;
-        roots computed but not yet in use are one opaque ``bytes`` entry per block. See
-        :mod:`.distributed`."""
-        self._wait_for_roots()
-        state, offset = {}, 0
-        for gi, group in enumerate(self.param_groups):
-            config = ShampooConfig.from_group(group)
-            plan = self._plan(gi, config)
-            if plan.step == 0 and not plan.live:
-                plan = self._template(gi, config)
-            for stack in plan.stacks:
-                stack.ensure_buffers(config)
-            self._views.refresh(self.state, group["params"], plan.stacks)
-            for pi in sorted(plan.live):
-                state[str(offset + pi)] = {
-                    "step": self.state[group["params"][pi]]["step"].clone(),
-                    "blocks": {str(bi): block_state(plan.stacks[si], row)
-                               for bi, (si, row) in enumerate(plan.locations[pi]) if si >= 0}}
-            offset += len(group["params"])
-        return {"format": SHARDED_FORMAT, "state": state,
-                "param_groups": saved_groups(self.param_groups, self._group_steps()),
-                "counters": {"nonfinite_grad_skips": self._counters["nonfinite_grad_skips"]}}
-
-    def _template(self, index: int, config: ShampooConfig) -> GroupPlan:
-        """Gives every parameter of a group that never stepped, if it requires
-        gradients, the state a first step would (zeros, step 0)."""
-        params = self.param_groups[index]["params"]
-        wanted = [pi for pi, p in enumerate(params) if p.requires_grad]
-        return self._add_live(index, config, wanted, 0) if wanted else self._plans[index]
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores :meth:`state_dict`'s or :meth:`sharded_state_dict`'s output, or what
-        ``torch.distributed.checkpoint``'s ``get_optimizer_state_dict`` made of it
-        (hyperparameters included, as ``torch.optim`` does), taking the blocks this rank
-        owns from whichever blocks the state holds, and runs ``torch.optim``'s
-        load-state-dict hooks. Raises ``ValueError`` for another format, a state that
-        does not fit these parameters (naming the parameter and both shapes), one that
-        lacks a block, or NaN/Inf values; then the optimizer is unchanged. Warns where the
-        saved structure (``block_size``, ``preconditioner``, ...) differs from the
-        constructor's and for parameters that require gradients but have no saved state
-        (they start fresh)."""
-        state_dict = dict(state_dict)  # as torch.optim: hooks may edit the top level
-        for hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        self._load(state_dict)
-        for hook in self._optimizer_load_state_dict_post_hooks.values():
-            hook(self)
-
-    def _load(self, state_dict: dict[str, Any]) -> None:
-        saved = check_state_dict(state_dict, self.param_groups)
-        entries = state_dict["state"]
-        configs = [ShampooConfig.from_group({**g, **hyperparameters(s)})
-                   for g, s in zip(self.param_groups, saved)]
-        warn_structural_changes(saved, self.param_groups, STRUCTURAL_FIELDS)
-        warn_missing(self.param_groups, saved, entries)
-        plans: list[GroupPlan] = []
-        steps: list[dict[int, int]] = []
-        for group, config, entry in zip(self.param_groups, configs, saved):
-            live = [pi for pi, key in enumerate(entry["params"])
-                    if saved_entry(entries, key) is not None]
-            plan = build_plan(group["params"], config, self.foreach, self._data_parallel,
-                               plans[-1] if plans else None, frozenset(live))
-            steps.append(restore_blocks(plan.stacks, plan.locations, entry["params"], entries,
-                                        live))
-            plan.step = int(entry.get(GROUP_STEP, max(steps[-1].values(), default=0)))
-            plans.append(plan)
-        # Everything checked: from here on nothing fails.
-        for group, entry in zip(self.param_groups, saved):
-            group.update(hyperparameters(entry))
-        self._plans = plans
-        self.state = defaultdict(dict)
-        self._views = StateViews()
-        for group, plan, group_steps in zip(self.param_groups, plans, steps):
-            for pi, count in group_steps.items():
-                self.state[group["params"][pi]] = {"step": torch.tensor(float(count))}
-            self._views.refresh(self.state, group["params"], plan.stacks)
-        self._counters.update(state_dict.get("counters", {}))
-
-    def __getstate__(self) -> dict[str, Any]:
-        # torch.optim pickles only defaults/state/param_groups; ours lives beside them.
-        # Work in flight is waited for, so a copy holds its result (and no thread). The
-        # views are left out (a copy rebuilds them on its own stacks).
-        self._wait_for_roots()
-        state = super().__getstate__()
-        state["state"] = defaultdict(dict, {
-            p: {k: v for k, v in entry.items() if k != "blocks"}
-            for p, entry in self.state.items()})
-        state.update(foreach=self.foreach, _plans=self._plans, _counters=self._counters,
-                     _warned_nonfinite=self._warned_nonfinite, _roots=self._roots,
-                     _data_parallel=self._data_parallel, _gather=self._gather)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._views = StateViews()
-        for group, plan in zip(self.param_groups, self._plans):
-            if plan is not None:
-                self._views.refresh(self.state, group["params"], plan.stacks)
 
     # --------------------------------------------------------------------- lifecycle
     def _wait_for_roots(self) -> None:
-        for plan in self._plans:
-            for stack in plan.stacks if plan is not None else ():
-                self._roots.wait(stack)
+        self._roots.wait_all([stack for plan in self._plans if plan is not None
+                              for stack in plan.stacks])
 
     def close(self) -> None:
         """Stops the background root workers (``async_roots``). Roots in flight are
         waited for and kept, so the optimizer stays usable: a later root step starts
-        the workers again."""
-        self._wait_for_roots()
-        self._roots.close()
+        the workers again. If background computations failed, the workers are stopped
+        all the same and one error is raised (the failed work is dropped, the roots in
+        use are kept): a second ``close()`` raises nothing."""
+        try:
+            self._wait_for_roots()
+        finally:
+            self._roots.close()
 
     def __enter__(self) -> "Shampoo":
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, exc: BaseException | None, traceback: Any) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:  # leaving on the user's exception: it stays the one raised
+            self.close()
+        except Exception as error:
+            exc.add_note(f"Shampoo.close() on leaving the with block also failed: "
+                         f"{type(error).__name__}: {error}")
+
+    def __repr__(self) -> str:
+        """As ``torch.optim``'s, with the values in effect for the hyperparameters left to
+        their defaults (None): ``grafting``, ``precondition_1d``,
+        ``start_preconditioning_step``, ``root_delay``, ``factor_beta``."""
+        lines = [f"{type(self).__name__} ("]
+        for index, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {index}")
+            values = _effective_values(group, self._roots.asynchronous)
+            lines += [f"    {key}: {values[key]!r}" for key in sorted(values)]
+        return "\n".join(lines + [")"])
+
+
+def _effective_values(group: dict[str, Any], asynchronous: bool) -> dict[str, Any]:
+    """A param group's hyperparameters with every None default resolved (as they are,
+    should the group hold an invalid value: :meth:`Shampoo.step` will name it)."""
+    values = {key: value for key, value in group.items() if key != "params"}
+    try:
+        config = ShampooConfig.from_group(group)
+        delay = resolve_root_delay(config, asynchronous)
+    except (ValueError, TypeError):
+        return values
+    values.update(grafting=config.grafting, precondition_1d=config.precondition_1d,
+                  start_preconditioning_step=config.preconditioning_start,
+                  root_delay=delay, factor_beta=config.factor_ema)
+    return values

@@ -8,7 +8,7 @@ nothing is copied per step::
 
     optimizer.state[p] = {
         "step": tensor(t),      # float32, CPU: the steps this parameter was updated
-        "blocks": {b: {         # b: block index (SPEC 2.1); with data parallelism only
+        "blocks": {b: {         # b: block index; with data parallelism only
             "factors": [...],   #    the blocks this rank owns
             "roots": [...],     # views of the block's rows of its stack
             "graft": ...,       # (present once allocated)

@@ -1,7 +1,7 @@
-"""How a param group's parameters map onto block stacks (SPEC 2.1, 5): the plan of a
-group (layouts, this rank's regions, which parameters have state, the stacks and where
-each block sits in them), and the gradient gather and the update scatter through region
-views. Bookkeeping only: the optimizer decides what runs on the stacks.
+"""How a param group's parameters map onto block stacks: the plan of a group (layouts,
+this rank's regions, which parameters have state, the stacks and where each block sits
+in them), the gradient gather and the update's apply plan (:class:`ApplyPlan`) through
+region views. Bookkeeping only: the optimizer decides what runs on the stacks.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from .eigenvalue_corrected import EigenvalueCorrectedStack
 from .preconditioner import BlockStack
 
 STACK_TYPES = {"shampoo": BlockStack, "eigenvalue_corrected": EigenvalueCorrectedStack}
+
 
 @dataclass(frozen=True)
 class Piece:
@@ -74,9 +75,9 @@ def _work_dtype(param_dtype: torch.dtype) -> torch.dtype:
 
 
 def build_plan(params: list[torch.Tensor], config: ShampooConfig, batched: bool,
-                data_parallel: DataParallel | None = None,
-                previous: GroupPlan | None = None,
-                live: frozenset[int] = frozenset()) -> GroupPlan:
+               data_parallel: DataParallel | None = None,
+               previous: GroupPlan | None = None,
+               live: frozenset[int] = frozenset()) -> GroupPlan:
     """The plan of a param group whose ``live`` parameters have state. With
     ``data_parallel``, the blocks are assigned to ranks (balancing the loads on from
     the ``previous`` group's) and the stacks get this rank's blocks only."""
@@ -96,7 +97,7 @@ def build_plan(params: list[torch.Tensor], config: ShampooConfig, batched: bool,
 
 
 def stack_live(plan: GroupPlan, params: list[torch.Tensor], config: ShampooConfig,
-                batched: bool) -> None:
+               batched: bool) -> None:
     """Builds the plan's stacks (fresh state) for its live parameters' regions."""
     stacks: list[BlockStack] = []
     pieces: list[list[Piece]] = []
@@ -144,7 +145,7 @@ class Gathered:
 
 
 def gather(stack: BlockStack, pieces: list[Piece],
-            merged: list[torch.Tensor | None]) -> Gathered:
+           merged: list[torch.Tensor | None]) -> Gathered:
     """Copies the gradient blocks of ``stack`` (from ``merged``, per parameter its
     gradient in the merged shape, None to leave it out) into one ``(rows, *block_shape)``
     tensor in the work dtype: one strided copy per region, not per block."""
@@ -168,27 +169,78 @@ def gather(stack: BlockStack, pieces: list[Piece],
     return Gathered(rows, blocks, placements)
 
 
-def apply_updates(params: list[torch.Tensor], layouts: list[BlockLayout],
-           updates: dict[int, list[tuple[BlockRegion, torch.Tensor]]],
-           config: ShampooConfig, scale: float) -> None:
-    """``p <- p - lr * wd * p`` (decoupled) then ``p <- p - lr * scale * v`` for every
-    parameter in ``updates`` (its regions' blocks of ``v``), through region views."""
-    if not updates:
-        return
-    if config.weight_decay and config.decoupled_weight_decay:
-        torch._foreach_mul_([params[pi] for pi in updates], 1 - config.lr * config.weight_decay)
-    targets, deltas = [], []
-    for pi, pieces in updates.items():
-        param, shape = params[pi], layouts[pi].merged_shape
-        if param.is_contiguous():
-            merged = param.view(shape)
-            for region, update in pieces:
-                targets.append(region_view(merged, region))
-                deltas.append(update.to(param.dtype))
-        else:  # e.g. channels_last: assemble the update, then one add
-            full = torch.empty(shape, dtype=param.dtype, device=param.device)
-            for region, update in pieces:
-                region_view(full, region).copy_(update)
-            targets.append(param)
-            deltas.append(full.view(param.shape))
-    torch._foreach_add_(targets, deltas, alpha=-config.lr * scale)
+@dataclass
+class ApplyPlan:
+    """Where the directions of one group's boxes go, prepared before the update is
+    computed: parameter views, cast and assembly buffers. What then runs (:meth:`run`) is
+    in-place arithmetic on tensors that exist already, the same on every rank, so that
+    it cannot fail on one rank only.
+
+    Attributes:
+        params: the group's parameters.
+        box_params: per box, its parameter's index.
+        copies: ``(box, buffer)``: the box's direction is copied into the buffer first
+            (cast to the parameter's dtype, or assembled for a non-contiguous parameter).
+        adds: ``(parameter index, target, delta)``: the target (a view of the parameter,
+            or the parameter) gets ``delta``, a buffer of ``copies`` or a box's index
+            (that box's direction as it is).
+    """
+
+    params: list[torch.Tensor]
+    box_params: list[int]
+    copies: list[tuple[int, torch.Tensor]]
+    adds: list[tuple[int, torch.Tensor, torch.Tensor | int]]
+
+    @classmethod
+    def prepare(cls, params: list[torch.Tensor], layouts: list[BlockLayout],
+                boxes: list[tuple[int, BlockRegion]]) -> "ApplyPlan":
+        """For the directions of ``boxes`` (``(parameter index, region)``, in order)."""
+        plan = cls(params, [pi for pi, _ in boxes], [], [])
+        assembled: dict[int, torch.Tensor] = {}
+        for box, (pi, region) in enumerate(boxes):
+            param, shape = params[pi], layouts[pi].merged_shape
+            if not param.is_contiguous():  # e.g. channels_last: assemble, then one add
+                if pi not in assembled:
+                    assembled[pi] = torch.empty(shape, dtype=param.dtype, device=param.device)
+                    plan.adds.append((pi, param, assembled[pi].view(param.shape)))
+                plan.copies.append((box, region_view(assembled[pi], region)))
+                continue
+            target = region_view(param.view(shape), region)
+            if param.dtype == _work_dtype(param.dtype):
+                plan.adds.append((pi, target, box))
+            else:  # low precision: the direction is rounded to it, then added
+                cast = torch.empty(target.shape, dtype=param.dtype, device=param.device)
+                plan.copies.append((box, cast))
+                plan.adds.append((pi, target, cast))
+        return plan
+
+    def updated_params(self, directions: list[torch.Tensor | None]) -> dict[int, torch.Tensor]:
+        """The parameters :meth:`run` changes, by index: those with a direction for
+        their boxes."""
+        return {pi: self.params[pi] for pi, d in zip(self.box_params, directions)
+                if d is not None}
+
+    def run(self, directions: list[torch.Tensor | None], config: ShampooConfig,
+            scales: dict[int, float]) -> None:
+        """``p <- p - lr * wd * p`` (decoupled) then ``p <- p - lr * scale * v`` for the
+        parameters whose boxes have directions (``directions[box]``, None: the parameter
+        is skipped), ``scale`` the parameter's (``scales``, by index: its bias correction,
+        of its own step count). The scale folds into the step size: the same ops, and so
+        the same rounding, in one process and on every rank; one fused add per distinct
+        scale (one in all unless the parameters' step counts differ)."""
+        present = self.updated_params(directions)
+        if not present:
+            return
+        if config.weight_decay and config.decoupled_weight_decay:
+            torch._foreach_mul_(list(present.values()), 1 - config.lr * config.weight_decay)
+        for box, buffer in self.copies:
+            if directions[box] is not None:
+                buffer.copy_(directions[box])
+        by_scale: dict[float, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for pi, target, delta in self.adds:
+            if pi in present:
+                by_scale.setdefault(scales[pi], []).append(
+                    (target, directions[delta] if isinstance(delta, int) else delta))
+        for scale, adds in by_scale.items():
+            torch._foreach_add_([t for t, _ in adds], [d for _, d in adds],
+                                alpha=-config.lr * scale)

@@ -1,5 +1,4 @@
-"""Kronecker-factor statistics and inverse roots for stacks of equal-shape blocks
-(SPEC 2.2-2.4).
+"""Kronecker-factor statistics and inverse roots for stacks of equal-shape blocks.
 
 Blocks of one shape (and dtype and device) are stacked along a leading dimension, so
 one ``torch.bmm`` / batched ``eigh`` serves them all and the per-step Python work grows
@@ -238,7 +237,8 @@ class BlockStack:
         """The inverse roots of :meth:`root_inputs`; pure, safe to run elsewhere."""
         exponent = self.exponent(config)
         return [inverse_root(m, exponent, config.epsilon, config.root_method,
-                             config.newton_max_iterations, config.newton_tolerance)
+                             config.newton_max_iterations, config.newton_tolerance,
+                             config.relative_epsilon)
                 for m in inputs]
 
     def install_roots(self, results: list[RootResult], config: ShampooConfig,

@@ -95,6 +95,73 @@ def train_single(dtype: torch.dtype, grouped: bool, start: int = 0, stop: int = 
     return model, opt
 
 
+# ------------------------------------------------------------------ bitwise workload
+# Every rank computes the whole batch's gradient on its replica, so that the gradients
+# are those of one process and a comparison tests the optimizer alone (DDP's all-reduce
+# sums in another order). float32; block_size 4 and max_preconditioned_dim 12 cut every
+# weight into blocks the ranks share: w1 (12, 6) into 4x4 and 4x2 blocks, w2 (2, 2, 3, 12)
+# merges to (4, 3, 12) with three factors, mix (3, 24) keeps its 24 whole (no factor);
+# the biases get factors too in the classic groups. Units 8-11 of the first layer are
+# dead: their blocks' gradients, and so their grafted norms, are exactly zero (which once
+# sent the norms of the other blocks of their stack, and only of those, another way).
+BITWISE_STEPS = 60
+BITWISE_BATCH = 16
+BITWISE_SHAPES = {"w1": (12, 6), "b1": (12,), "w2": (2, 2, 3, 12), "b2": (12,), "w3": (3, 12),
+                  "b3": (3,), "mix": (3, 24)}
+_SHARED = dict(block_size=4, max_preconditioned_dim=12, epsilon=1e-6)
+BITWISE_VARIANTS = {
+    "shampoo": [dict(_SHARED, lr=0.02, betas=(0.9, 0.99), weight_decay=0.01,
+                     precondition_frequency=5, start_preconditioning_step=3),
+                dict(_SHARED, lr=0.01, betas=(0.5, 0.999), nesterov=True, weight_decay=0.02,
+                     decoupled_weight_decay=False, grafting="sgd", precondition_frequency=4,
+                     precondition_1d=True)],
+    "eigenvalue_corrected": [
+        dict(_SHARED, preconditioner="eigenvalue_corrected", lr=3e-3, betas=(0.95, 0.95),
+             precondition_frequency=10, weight_decay=0.01),
+        dict(_SHARED, preconditioner="eigenvalue_corrected", lr=2e-3, betas=(0.95, 0.95),
+             precondition_frequency=10, weight_decay=0.02, decoupled_weight_decay=False,
+             grafting="adam")],
+}
+
+
+def bitwise_params() -> dict[str, torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(5)
+    return {name: torch.nn.Parameter(torch.randn(shape, generator=gen) / math.sqrt(shape[-1]))
+            for name, shape in BITWISE_SHAPES.items()}
+
+
+def bitwise_groups(params: dict[str, torch.nn.Parameter], variant: str) -> list[dict[str, Any]]:
+    first, second = BITWISE_VARIANTS[variant]
+    return [{"params": [params["w1"], params["w2"], params["mix"]], **first},
+            {"params": [params["w3"], params["b1"], params["b2"], params["b3"]], **second}]
+
+
+def bitwise_loss(params: dict[str, torch.nn.Parameter], step: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(2000 + step)
+    x = torch.randn(BITWISE_BATCH, 6, generator=gen)
+    y = torch.randn(BITWISE_BATCH, 3, generator=gen)
+    alive = (torch.arange(12) < 8).to(x.dtype)
+    h = torch.tanh(x @ params["w1"].T + params["b1"]) * alive
+    h = torch.tanh(h @ params["w2"].reshape(12, 12).T + params["b2"])
+    features = torch.cat([x, x**2, torch.sin(x), torch.cos(x)], dim=1)
+    out = h @ params["w3"].T + params["b3"] + torch.tanh(features @ params["mix"].T)
+    return ((out - y) ** 2).mean()
+
+
+def train_bitwise(variant: str, steps: int = BITWISE_STEPS) -> dict[str, Any]:
+    """The parameters after ``steps`` and the blocks owned (one process, or this rank of
+    a process group)."""
+    params = bitwise_params()
+    opt = Shampoo(bitwise_groups(params, variant))
+    for step in range(steps):
+        opt.zero_grad()
+        bitwise_loss(params, step).backward()
+        opt.step()
+    metrics = opt.metrics()
+    return {"params": [p.detach().clone() for p in params.values()],
+            "owned_blocks": metrics["owned_blocks"], "num_blocks": metrics["num_blocks"]}
+
+
 # ---------------------------------------------------------------------- launcher
 def _free_port() -> int:
     with socket.socket() as s:
@@ -199,6 +266,9 @@ def train_two_ranks(rank: int, world_size: int, out: Path) -> None:
                "async": _train_ranks(rank, world_size, torch.float64, grouped=True,
                                      checkpoint=out / "async_checkpoint", variant="async"),
                "one_block": _one_block_ranks(dist.group.WORLD),
+               "bitwise": {variant: train_bitwise(variant) for variant in BITWISE_VARIANTS},
+               "nonfinite": nonfinite_steps(),
+               "mismatch": mismatches(rank),
                "failures": failures(rank, world_size)}
     torch.save(results, out / f"two_ranks_{rank}.pt")
 
@@ -210,7 +280,8 @@ def train_three_ranks(rank: int, world_size: int, out: Path, checkpoint: Path) -
                                        resume_from=checkpoint),
                "async_resumed": _train_ranks(rank, world_size, torch.float64, grouped=True,
                                              resume_from=checkpoint.parent / "async_checkpoint",
-                                             variant="async")}
+                                             variant="async"),
+               "bitwise": {variant: train_bitwise(variant) for variant in BITWISE_VARIANTS}}
     pair = dist.new_group([0, 1])  # an explicit process_group that rank 2 is not in
     if rank < 2:
         results["pair"] = _one_block_ranks(pair)
@@ -226,6 +297,90 @@ def _outcome(call: Callable[[], Any]) -> tuple[str, str]:
     except Exception as error:  # the test checks which error each rank saw
         return type(error).__name__, str(error)
     return "ok", ""
+
+
+def nonfinite_steps() -> dict[str, Any]:
+    """Two steps, then one whose every gradient is NaN (under DDP: rank 1's loss is, and
+    the all-reduce spreads it), then one more; in one process or on this rank. Returns
+    what the caller saw: the warnings, the metrics after each of the last two steps and
+    whether the NaN step left the parameters as they were."""
+    model = make_model(torch.float32)
+    opt = Shampoo(model.parameters(), **DDP_OPTIONS)
+    distributed = dist.is_available() and dist.is_initialized()
+    forward = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    record: dict[str, Any] = {"metrics": []}
+    for step in range(4):
+        opt.zero_grad()
+        loss = loss_of(forward, *batch(step, rank, world_size))
+        if step == 2 and rank == world_size - 1:
+            loss = loss * float("nan")
+        loss.backward()
+        before = params_of(model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+        if step == 2:
+            record["untouched"] = all(torch.equal(a, b) for a, b in zip(before, params_of(model)))
+            record["warnings"] = [(w.category.__name__, str(w.message)) for w in caught]
+        if step >= 2:
+            metrics = opt.metrics()
+            record["metrics"].append({k: metrics[k] for k in ("step", "nonfinite_grad_skips")})
+    return record
+
+
+# Per case: the options of rank 0 and rank 1, each on a fresh optimizer's first step.
+MISMATCHES = {
+    "lr": ({}, {"lr": 0.02}),
+    "block_size": ({}, {"block_size": 4}),
+    "preconditioner": ({}, {"preconditioner": "eigenvalue_corrected"}),
+    "betas": ({}, {"betas": (0.9, 0.98)}),
+    "rank 1 invalid": ({}, {"lr": -1.0}),
+}
+
+
+def mismatches(rank: int) -> dict[str, Any]:
+    """Hyperparameters that differ across ranks: on a fresh optimizer's first step (the
+    structure check), after a scheduler changed lr on rank 1 only at step 3 (the
+    per-step check), and param groups that differ in number. What each rank saw, and
+    whether the parameters stayed as they were and the same on both ranks."""
+    record: dict[str, Any] = {}
+    for case, options in MISMATCHES.items():
+        model = make_model(torch.float32)
+        opt = Shampoo(model.parameters(), **DDP_OPTIONS)
+        opt.param_groups[0].update(options[rank])
+        loss_of(model, *batch(0)).backward()
+        before = params_of(model)
+        record[case] = _outcome(opt.step)
+        record[case + " untouched"] = all(torch.equal(a, b)
+                                          for a, b in zip(before, params_of(model)))
+    model = make_model(torch.float32)
+    weights = [p for p in model.parameters() if p.dim() > 1]
+    biases = [p for p in model.parameters() if p.dim() == 1]
+    groups = [{"params": weights}, {"params": biases}] if rank else [{"params": weights + biases}]
+    loss_of(model, *batch(0)).backward()
+    record["groups"] = _outcome(Shampoo(groups, **DDP_OPTIONS).step)
+    # lr from a scheduler that (wrongly) differs on rank 1 from step 3 on.
+    model = make_model(torch.float32)
+    opt = Shampoo(model.parameters(), **DDP_OPTIONS)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: 0.5 if rank == 1 and step >= 3 else 1.0)
+    outcomes = []
+    for step in range(5):
+        opt.zero_grad()
+        loss_of(model, *batch(step)).backward()
+        before = params_of(model)
+        outcomes.append(_outcome(opt.step))
+        if outcomes[-1][0] != "ok":
+            record["scheduled untouched"] = all(torch.equal(a, b)
+                                                for a, b in zip(before, params_of(model)))
+            opt.param_groups[0]["lr"] = DDP_OPTIONS["lr"]  # repaired: training goes on
+        else:
+            schedule.step()
+    record["scheduled"] = outcomes
+    record["scheduled identical"] = _same_on_all_ranks(model)
+    record["scheduled steps"] = opt.metrics()["step"]
+    return record
 
 
 def failures(rank: int, world_size: int) -> dict[str, Any]:
@@ -288,5 +443,30 @@ def failures(rank: int, world_size: int) -> dict[str, Any]:
     record["root_error_untouched"] = all(torch.equal(a, b) for a, b in
                                          zip(before, params_of(model)))
     record["peer_failure_is_runtime_error"] = issubclass(PeerFailure, RuntimeError)
+    # 4. An error on rank 1 where the update meets the parameters (the apply).
+    import scalable_shampoo.plans as plans  # where the apply plan takes its views
+
+    real_view = plans.region_view
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def failing_view(source: torch.Tensor, region: Any) -> torch.Tensor:
+        if source.untyped_storage().data_ptr() in storages:
+            raise RuntimeError("injected apply failure")
+        return real_view(source, region)
+
+    if rank == 1:
+        plans.region_view = failing_view
+    backward(9)
+    before = params_of(model)
+    steps_before = opt.metrics()["step"]
+    record["apply_error"] = _outcome(opt.step)
+    plans.region_view = real_view
+    record["apply_error_counted_nowhere"] = opt.metrics()["step"] == steps_before
+    record["apply_error_untouched"] = all(torch.equal(a, b) for a, b in
+                                          zip(before, params_of(model)))
+    record["identical_after_apply_error"] = _same_on_all_ranks(model)
+    backward(10)
+    record["after_apply_error"] = _outcome(opt.step)
+    record["identical_at_the_end"] = _same_on_all_ranks(model)
     dist.barrier()  # the group still works
     return record

@@ -352,3 +352,39 @@ def test_async_eigenbases_equal_sync_with_the_same_delay(monkeypatch, method):
     _assert_same(_params(resumed), expected)
     assert new_opt.metrics()["basis_refreshes"] == sync.metrics()["basis_refreshes"] > 0
 
+
+
+def _failing_launch(monkeypatch):
+    """An optimizer whose background roots of every stack failed: 3 stacks launched."""
+    def broken(self, inputs, config):
+        raise ArithmeticError("injected failure in the worker")
+
+    model = _model()
+    opt = Shampoo(model.parameters(), **_options(root_delay=3), async_roots=True,
+                  root_workers=2)
+    _train(model, opt, 2)
+    monkeypatch.setattr(BlockStack, "compute_roots", broken)
+    _train(model, opt, 1, start=2)  # step 3 launches the failing work of every stack
+    stacks = sum(len(plan.stacks) for plan in opt._plans)
+    assert stacks > 2 and _shampoo_threads()
+    return model, opt, stacks
+
+
+def test_close_after_failed_roots_raises_once_and_stops_the_workers(monkeypatch):
+    _, opt, stacks = _failing_launch(monkeypatch)
+    with pytest.raises(ArithmeticError, match="injected failure") as info:
+        opt.close()
+    assert any(f"{stacks - 1} more block stack(s) failed" in note
+               for note in info.value.__notes__)
+    assert not _shampoo_threads()
+    opt.close()  # the failures were reported: nothing more to raise
+
+
+def test_leaving_a_with_block_on_the_users_exception_keeps_it(monkeypatch):
+    model, opt, _ = _failing_launch(monkeypatch)
+    with pytest.raises(KeyError, match="the user's own") as info:
+        with opt:
+            raise KeyError("the user's own error")
+    assert any("Shampoo.close() on leaving the with block also failed: ArithmeticError"
+               in note for note in info.value.__notes__)
+    assert not _shampoo_threads()

@@ -131,3 +131,65 @@ def test_python_dash_m_exits_2_without_traceback(tmp_path):
 def test_quickstart_still_runs(capsys):
     assert main(["quickstart", "--steps", "5", "--no-progress"]) == 0
     assert "AdamW's final loss / Shampoo's" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------- the program itself
+def test_version_prints_the_version(capsys):
+    from scalable_shampoo import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"scalable-shampoo {__version__}"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    ([], "a command is required: quickstart or compare"),
+])
+def test_program_bad_input_exits_2_with_a_message(argv, message, capsys):
+    _bad_input(argv, capsys, message)
+    assert "the following arguments are required" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------ compare without the bench extra
+def _hide_modules(monkeypatch, *names):
+    """Makes ``import name`` (and of its loaded submodules) fail, as if not installed."""
+    for name in names:
+        for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+            monkeypatch.setitem(sys.modules, loaded, None)
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_compare_without_sklearn_names_the_bench_extra(tmp_path, capsys, monkeypatch):
+    from scalable_shampoo.bench.workloads import image
+
+    image.digits.cache_clear()  # the digits may be cached by an earlier test
+    _hide_modules(monkeypatch, "sklearn")
+    _bad_input(["compare", "--workloads", "image", "--out", str(tmp_path), "--no-progress"],
+               capsys, "needs sklearn, which is not installed; it is part of the bench extra: "
+               "pip install "
+               "'scalable-shampoo[bench]' (in a checkout: pip install -e \".[bench]\")")
+    image.digits.cache_clear()
+
+
+def test_compare_without_matplotlib_writes_results_and_skips_plots(tmp_path, capsys,
+                                                                   monkeypatch):
+    _hide_modules(monkeypatch, "matplotlib")
+    assert main(["compare", "--workload", TOY, "--optimizers", "adamw", "sgd", "--lr", "0.01",
+                 "--out", str(tmp_path), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "toy: least squares" in captured.out  # the table
+    assert ("warning: plots skipped: matplotlib is not installed "
+            "(pip install 'scalable-shampoo[bench]'") in captured.err
+    assert json.loads((tmp_path / "results.json").read_text())["runs_total"] == 2
+    assert (tmp_path / "results.md").exists() and not (tmp_path / "loss_vs_step.png").exists()
+
+
+def test_compare_without_tqdm_runs_without_progress_bars(tmp_path, capsys, monkeypatch):
+    _hide_modules(monkeypatch, "tqdm")
+    assert main(["compare", "--workload", TOY, "--optimizers", "adamw", "--lr", "0.01",
+                 "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "warning: tqdm is not installed: no progress bars" in captured.err
+    assert "toy: least squares" in captured.out

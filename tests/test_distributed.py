@@ -5,9 +5,11 @@ tests/distributed_workers.py) against the one-process optimizer."""
 
 from __future__ import annotations
 
+import builtins
 import copy
 import itertools
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +19,8 @@ from hypothesis import strategies as st
 
 from scalable_shampoo import Shampoo
 from scalable_shampoo.blocking import block_layout, block_regions, region_view, split_blocks
-from scalable_shampoo.distributed import (Exchange, assign_blocks, block_cost, load_checkpoint,
+from scalable_shampoo.distributed import (Exchange, PeerFailure, assign_blocks, block_cost,
+                                          fingerprint, first_difference, load_checkpoint,
                                           row_major_boxes, save_checkpoint)
 from tests import distributed_workers as workers
 
@@ -125,6 +128,34 @@ def test_every_block_travels_once_through_views_of_its_owner(shape, block_size, 
     assert sum(bucket_lengths) == param.numel()
 
 
+def test_first_difference_names_the_group_and_fields_with_their_ranks():
+    same = [("lr", "0.01"), ("block_size", "8")]
+    descriptions = [[same, [("lr", "0.1"), ("block_size", "8")]],
+                    [same, [("lr", "0.2"), ("block_size", "4")]],
+                    [same, [("lr", "0.1"), ("block_size", "8")]]]
+    assert first_difference(descriptions) == (
+        "param group 1: lr, block_size must be the same on every rank, got lr = 0.1 on "
+        "rank(s) [0, 2], 0.2 on rank(s) [1]; block_size = 8 on rank(s) [0, 2], 4 on rank(s) [1]")
+    assert first_difference([[same], [same, same]]) == (
+        "the number of param groups must be the same on every rank, got 1 on rank(s) [0], "
+        "2 on rank(s) [1]")
+    assert first_difference([[same], [same + [("foreach", "False")]]]) == (
+        "param group 0: foreach must be the same on every rank, got foreach = nothing on "
+        "rank(s) [0], False on rank(s) [1]")
+    digests = {fingerprint(d) for d in descriptions}
+    assert len(digests) == 2 and all(0 <= d < 2**62 for d in digests)
+
+
+def test_equal_values_of_other_number_types_describe_the_same():
+    import numpy as np
+
+    from scalable_shampoo.optimizer import _described
+    assert _described({"lr": np.float64(0.01), "block_size": np.int64(8),
+                       "betas": (np.float32(0.5), 0.999), "nesterov": True}) == _described(
+        {"lr": 0.01, "block_size": 8, "betas": (0.5, 0.999), "nesterov": True})
+    assert _described({"lr": 0.01}) != _described({"lr": 0.010000000000000002})
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One intra-op thread, as each spawned rank has: the tiny models here only lose
@@ -141,7 +172,9 @@ def single():
     """The one-process runs the ranks must reproduce (and checkpoints resume to)."""
     return {"ddp": workers.train_single(torch.float32, grouped=False),
             "manual": workers.train_single(torch.float64, grouped=True),
-            "async": workers.train_single(torch.float64, grouped=True, variant="async")}
+            "async": workers.train_single(torch.float64, grouped=True, variant="async"),
+            "bitwise": {v: workers.train_bitwise(v) for v in workers.BITWISE_VARIANTS},
+            "nonfinite": workers.nonfinite_steps()}
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +193,7 @@ def test_sharded_state_dict_resumes_bitwise_and_has_every_block(single, halfway)
     entries = sharded["state"]
     assert all(isinstance(k, str) for k in entries)
     assert sum(len(e["blocks"]) for e in entries.values()) == opt.metrics()["num_blocks"]
-    assert sharded["counters"] == {"nonfinite_grad_skips": 0}
+    assert sharded["counters"] == {"nonfinite_grad_skips": 0, "overflow_grad_skips": 0}
     resumed = copy.deepcopy(model)
     fresh = Shampoo(workers.param_groups(resumed))
     fresh.load_state_dict(copy.deepcopy(sharded))
@@ -323,3 +356,108 @@ def test_async_eigenvalue_corrected_checkpoint_in_flight_resumes_at_three(two_ra
         assert all(rank_results["async_resumed"]["identical"])
         for p, q in zip(rank_results["async_resumed"]["params"], uninterrupted):
             torch.testing.assert_close(p, q, **TOLERANCE["async"])
+
+
+@pytest.mark.parametrize("variant", list(workers.BITWISE_VARIANTS))
+def test_ranks_equal_one_process_bitwise_in_float32(two_ranks, three_ranks, single, variant):
+    """The same gradients on every rank (the whole batch's, on each replica): after
+    BITWISE_STEPS steps every rank's float32 parameters equal one process's bit for bit,
+    at 2 and 3 ranks, every rank owning some of the blocks (one intra-op thread
+    everywhere: the thread count changes the rounding of matmul and eigh)."""
+    alone = single["bitwise"][variant]
+    start = workers.bitwise_params().values()
+    assert all(torch.linalg.vector_norm(p - q) > 0.02 * torch.linalg.vector_norm(q)
+               for p, q in zip(alone["params"], start))  # every parameter went somewhere
+    for results in ([r["bitwise"][variant] for r in two_ranks[1]],
+                    [r["bitwise"][variant] for r in three_ranks]):
+        assert all(r["owned_blocks"] > 0 for r in results)
+        assert sum(r["owned_blocks"] for r in results) == alone["num_blocks"]
+        for rank_result in results:
+            for p, q in zip(alone["params"], rank_result["params"]):
+                assert p.dtype == torch.float32 and torch.equal(p, q)
+
+
+def _raise(outcome: tuple[str, str]) -> None:
+    """Raises the exception a rank recorded as ``(type name, message)``, for pytest.raises."""
+    name, message = outcome
+    raise (PeerFailure if name == "PeerFailure" else getattr(builtins, name))(message)
+
+
+def test_a_step_of_only_nonfinite_gradients_counts_and_warns_as_in_one_process(two_ranks,
+                                                                                single):
+    """DDP spreads rank 1's NaN loss to every gradient: every rank skips every parameter,
+    counts and warns as one process does, and counts the step as one process does."""
+    alone = single["nonfinite"]
+    params = len(list(workers.make_model(torch.float32).parameters()))
+    assert alone["metrics"] == [{"step": 3, "nonfinite_grad_skips": params},
+                                {"step": 4, "nonfinite_grad_skips": params}]
+    assert alone["untouched"]
+    (category, message), = alone["warnings"]
+    assert category == "RuntimeWarning"
+    assert f"skipped {params} parameter(s) with NaN/Inf gradients at step 3" in message
+    for result in (r["nonfinite"] for r in two_ranks[1]):
+        assert result["metrics"] == alone["metrics"]
+        assert result["untouched"]
+        assert result["warnings"] == alone["warnings"]
+
+
+@pytest.mark.parametrize("case,message", [
+    ("lr", "param group 0: lr must be the same on every rank, got lr = 0.01 on rank(s) [0], "
+           "0.02 on rank(s) [1]"),
+    ("block_size", "param group 0: block_size must be the same on every rank, got block_size "
+                   "= 8 on rank(s) [0], 4 on rank(s) [1]"),
+    # The grafting and precondition_1d defaults follow the preconditioner.
+    ("preconditioner", "param group 0: grafting, preconditioner, precondition_1d must be the "
+                       "same on every rank, got grafting = 'adam' on rank(s) [0], 'none' on "
+                       "rank(s) [1]; preconditioner = 'shampoo' on rank(s) [0], "
+                       "'eigenvalue_corrected' on rank(s) [1]; precondition_1d"),
+    ("betas", "param group 0: betas must be the same on every rank, got betas = (0.9, 0.999) "
+              "on rank(s) [0], (0.9, 0.98) on rank(s) [1]"),
+    ("groups", "the number of param groups must be the same on every rank, got 1 on "
+               "rank(s) [0], 2 on rank(s) [1]"),
+])
+def test_hyperparameters_that_differ_raise_on_every_rank_before_any_state(two_ranks, case,
+                                                                          message):
+    for result in (r["mismatch"] for r in two_ranks[1]):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            _raise(result[case])
+        assert result.get(case + " untouched", True)
+
+
+def test_an_invalid_value_on_one_rank_at_the_first_step_raises_on_every_rank(two_ranks):
+    """Before the structure check: the invalid rank joins it as failed."""
+    zero, one = (r["mismatch"] for r in two_ranks[1])
+    with pytest.raises(ValueError, match="lr must be"):
+        _raise(one["rank 1 invalid"])
+    with pytest.raises(PeerFailure, match=re.escape("failed on rank(s) [1] of 2")):
+        _raise(zero["rank 1 invalid"])
+    assert zero["rank 1 invalid untouched"] and one["rank 1 invalid untouched"]
+
+
+def test_an_lr_schedule_that_differs_across_ranks_raises_at_that_step(two_ranks):
+    """The per-step check: lr of rank 1 halves from step 3 (index 3) on; both ranks raise
+    there with nothing applied, and go on in step once lr agrees again."""
+    for result in (r["mismatch"] for r in two_ranks[1]):
+        outcomes = result["scheduled"]
+        assert [o[0] for o in outcomes] == ["ok", "ok", "ok", "ValueError", "ok"]
+        with pytest.raises(ValueError, match=re.escape(
+                "param group 0: lr must be the same on every rank, got lr = 0.01 on rank(s) "
+                "[0], 0.005 on rank(s) [1]")):
+            _raise(outcomes[3])
+        assert result["scheduled untouched"] and result["scheduled identical"]
+        assert result["scheduled steps"] == 4
+
+
+def test_a_failure_in_the_apply_on_one_rank_raises_on_every_rank(two_ranks):
+    """Rank 1 fails where the update meets its parameters: every rank raises and no rank
+    applied anything or counted the step, so the replicas stay identical (and train on
+    together)."""
+    zero, one = (r["failures"] for r in two_ranks[1])
+    with pytest.raises(RuntimeError, match="injected apply failure"):
+        _raise(one["apply_error"])
+    with pytest.raises(PeerFailure, match=re.escape("failed on rank(s) [1] of 2")):
+        _raise(zero["apply_error"])
+    for record in (zero, one):
+        assert record["apply_error_untouched"] and record["identical_after_apply_error"]
+        assert record["apply_error_counted_nowhere"]
+        assert record["after_apply_error"] == ("ok", "") and record["identical_at_the_end"]

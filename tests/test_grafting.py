@@ -348,6 +348,21 @@ def test_graft_zero_direction_block_gives_zero(dtype):
     assert torch.equal(graft(zeros, torch.ones_like(zeros)), zeros)
 
 
+def test_a_blocks_norm_does_not_depend_on_the_other_blocks_of_its_stack():
+    """A zero block (its norm redone in float64) leaves the other blocks' float32 norms
+    as they are alone: with data parallelism a stack holds only some of the blocks."""
+    gen = torch.Generator().manual_seed(12)
+    blocks = torch.randn(5, 7, 3, generator=gen)
+    blocks[2] = 0.0
+    blocks[4] *= 1e-25  # a norm that underflows in float32
+    norms = block_norms(blocks)
+    alone = torch.cat([block_norms(blocks[i:i + 1]) for i in range(5)])
+    assert torch.equal(norms, alone)
+    assert norms[2] == 0 and norms[4] > 0
+    assert torch.equal(norms[[0, 1, 3]], torch.linalg.vector_norm(
+        blocks[[0, 1, 3]].reshape(3, -1), dim=1).double())
+
+
 def test_graft_single_element_blocks_take_graft_magnitude_and_own_sign():
     direction = torch.tensor([2.0, -3.0, 0.0, 1e-20], dtype=torch.float64)
     graft_dir = torch.tensor([-5.0, 0.25, 7.0, 3.0], dtype=torch.float64)

@@ -250,7 +250,9 @@ def _feed(params, opt, steps, gen, poison=None, drop=None):
         for i, (p, g) in enumerate(zip(params, grads)):
             p.grad = g
             if poison and (t, i) in poison:
-                p.grad = g.clone().fill_(float("nan")) if poison[(t, i)] == "nan" else None
+                kind = poison[(t, i)]
+                p.grad = (g.clone().fill_(float("nan")) if kind == "nan" else
+                          g * 1e30 if kind == "huge" else None)
         opt.step()
 
 
@@ -397,18 +399,40 @@ def test_closure_and_parameters_without_grad():
     assert torch.equal(frozen, before)
 
 
-def test_huge_finite_gradient_is_not_mistaken_for_nonfinite():
-    """The cheap NaN/Inf test sums each block; a finite gradient whose sum overflows
-    float32 must still be used, not skipped."""
+def test_the_largest_gradient_the_state_can_square_is_used():
+    """The screen's limit is the block norm whose square float32 holds (1.8e19): a
+    gradient just below it is used, and the state stays finite."""
     param = torch.nn.Parameter(torch.zeros(4, 3))
     opt = Shampoo([param], lr=1e-3, betas=(0.0, 0.999), grafting="sgd",
                   start_preconditioning_step=100)
-    param.grad = torch.full((4, 3), 3e38)
+    param.grad = torch.full((4, 3), 5e18)  # norm 1.7e19
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step()
-    assert opt.metrics()["nonfinite_grad_skips"] == 0
-    assert torch.equal(param, torch.full((4, 3), 3e38) * -1e-3)
+    metrics = opt.metrics()
+    assert metrics["nonfinite_grad_skips"] == metrics["overflow_grad_skips"] == 0
+    assert torch.equal(param, torch.full((4, 3), 5e18) * -1e-3)
+    factors = opt.state_dict()["state"][0]["blocks"][0]["factors"]
+    assert all(torch.isfinite(f).all() for f in factors)
+
+
+@pytest.mark.parametrize("preconditioner", ["shampoo", "eigenvalue_corrected"])
+def test_a_gradient_too_large_to_square_skips_the_parameter_and_keeps_its_state(
+        preconditioner):
+    """A gradient of 1e30 (squared: Inf in float32) would make the factors and second
+    moments Inf for good; it is skipped like a missing gradient, warned and counted."""
+    options = dict(lr=0.02, precondition_frequency=2, preconditioner=preconditioner)
+    huge_params, none_params = _three_same_shape(), _three_same_shape()
+    opt_huge, opt_none = Shampoo(huge_params, **options), Shampoo(none_params, **options)
+    with pytest.warns(RuntimeWarning, match="squares overflow the optimizer state's dtype"):
+        _feed(huge_params, opt_huge, 6, torch.Generator().manual_seed(1),
+              poison={(3, 1): "huge"})
+    _feed(none_params, opt_none, 6, torch.Generator().manual_seed(1), poison={(3, 1): None})
+    for a, b in zip(huge_params, none_params):
+        assert torch.equal(a, b)
+    metrics = opt_huge.metrics()
+    assert metrics["overflow_grad_skips"] == 1 and metrics["nonfinite_grad_skips"] == 0
+    assert metrics["root_failures"] == 0
 
 
 def test_newton_exponent_it_cannot_serve_fails_before_the_first_step():
@@ -460,3 +484,63 @@ def test_channels_last_parameters_match_contiguous_ones():
     assert not channels_last.is_contiguous()
     assert torch.equal(channels_last, plain)
     assert opt_plain.metrics()["root_computations"] > 0
+
+
+def test_repr_shows_the_values_in_effect():
+    param = torch.nn.Parameter(torch.randn(3, 2))
+    other = torch.nn.Parameter(torch.randn(4))
+    opt = Shampoo([{"params": [param]},
+                   {"params": [other], "preconditioner": "eigenvalue_corrected"}],
+                  precondition_frequency=10)
+    groups = repr(opt).split("Parameter Group ")[1:]
+    assert len(groups) == 2
+    for text, grafting, one_d, start in [(groups[0], "'adam'", "True", "10"),
+                                         (groups[1], "'none'", "False", "1")]:
+        assert f"    grafting: {grafting}\n" in text
+        assert f"    precondition_1d: {one_d}\n" in text
+        assert f"    start_preconditioning_step: {start}\n" in text
+        assert "    root_delay: 0\n" in text and "    factor_beta: 0.999\n" in text
+        assert "None" not in text
+    opt.param_groups[0]["grafting"] = "bogus"  # invalid: shown as it is, step names it
+    assert "grafting: 'bogus'" in repr(opt)
+
+
+COMMON_ARGUMENTS = ["lr", "betas", "epsilon", "weight_decay", "block_size",
+                    "max_preconditioned_dim", "precondition_frequency",
+                    "start_preconditioning_step", "grafting", "grafting_epsilon",
+                    "preconditioner", "adam_epsilon", "root_delay"]
+
+
+def test_help_documents_the_common_arguments_and_names_the_rest():
+    import inspect
+    import re
+
+    doc = inspect.getdoc(Shampoo)
+    documented = set(re.findall(r"^    (\w+): ", doc, flags=re.M))
+    assert set(COMMON_ARGUMENTS) <= documented
+    for name in set(COMMON_ARGUMENTS) - {"epsilon"}:  # epsilon defers to ShampooConfig
+        entry = re.search(rf"^    {name}: (.*?)(?=^    \w+: |\Z)", doc, flags=re.M | re.S)
+        assert "Default" in entry.group(1) or "default" in entry.group(1), name
+    assert "ShampooConfig" in doc
+    for name in inspect.signature(Shampoo).parameters:  # the rest at least by name
+        assert f"``{name}``" in doc or name in documented, name
+
+
+def test_a_pickle_of_the_previous_version_unpickles_with_the_new_counter():
+    import pickle
+
+    param = torch.nn.Parameter(torch.randn(4, 3))
+    opt = Shampoo([param], lr=0.01)
+    param.grad = torch.randn(4, 3)
+    opt.step()
+    old = opt.__getstate__()  # as the previous version pickled it
+    old.pop("_warned")
+    old["_warned_nonfinite"] = True
+    old["_counters"] = {k: v for k, v in old["_counters"].items() if k != "overflow_grad_skips"}
+    copy_ = Shampoo.__new__(Shampoo)
+    copy_.__setstate__(pickle.loads(pickle.dumps(old)))
+    param_copy = copy_.param_groups[0]["params"][0]
+    param_copy.grad = torch.randn(4, 3) * 1e30
+    with pytest.warns(RuntimeWarning, match="squares overflow"):
+        copy_.step()
+    assert copy_.metrics()["overflow_grad_skips"] == 1

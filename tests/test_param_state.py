@@ -314,21 +314,28 @@ def test_a_matching_state_loads_without_warnings(trained):
 def test_an_eigenvalue_corrected_layer_unfrozen_late_takes_adams_first_step():
     """SOAP blocks: until a row has a basis its update is Adam's; a layer unfrozen after
     the group's first bases takes AdamW's first step (its own step count), while its
-    stack-mate keeps its bases."""
+    stack-mate keeps its bases: those of an optimizer without the late layer (the bases
+    of step 9 go into use at step 10, root_delay 1, whether or not a layer joins)."""
     torch.manual_seed(3)
     late = torch.nn.Parameter(torch.randn(5, 4))
     early = torch.nn.Parameter(torch.randn(5, 4))
-    opt = Shampoo([early, late], lr=0.01, betas=(0.9, 0.99), weight_decay=0.1, block_size=8,
-                  preconditioner="eigenvalue_corrected", precondition_frequency=4)
+    alone = torch.nn.Parameter(early.detach().clone())
+    options = dict(lr=0.01, betas=(0.9, 0.99), weight_decay=0.1, block_size=8,
+                   preconditioner="eigenvalue_corrected", precondition_frequency=4)
+    opt = Shampoo([early, late], **options)
+    twin = Shampoo([alone], **options)
     late.requires_grad_(False)
     gen = torch.Generator().manual_seed(4)
-    for _ in range(9):
+    for step in range(1, 11):  # the optimizer with both layers steps at 10 below
         early.grad = torch.randn(5, 4, generator=gen)
-        opt.step()
-    bases = [b.clone() for b in opt.state[early]["blocks"][0]["roots"]]
+        alone.grad = early.grad.clone()
+        twin.step()
+        if step < 10:
+            opt.step()
+    bases = twin.state[alone]["blocks"][0]["roots"]
     late.requires_grad_(True)
     start = late.detach().clone()
-    early.grad, late.grad = torch.randn(5, 4, generator=gen), torch.randn(5, 4, generator=gen)
+    late.grad = torch.randn(5, 4, generator=gen)
     adamw_param = torch.nn.Parameter(start.clone())
     adamw = torch.optim.AdamW([adamw_param], lr=0.01, betas=(0.9, 0.99), weight_decay=0.1)
     adamw_param.grad = late.grad.clone()

@@ -8,3 +8,8 @@
 Needs the ``bench`` extra (tqdm, matplotlib, scikit-learn); ``import scalable_shampoo``
 does not import this package.
 """
+
+# The top-level modules of the bench extra, and how to install it.
+BENCH_MODULES = ("sklearn", "matplotlib", "tqdm")
+BENCH_EXTRA_HINT = ("pip install 'scalable-shampoo[bench]' (in a checkout: "
+                    "pip install -e \".[bench]\")")

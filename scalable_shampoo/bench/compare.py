@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import BENCH_EXTRA_HINT, BENCH_MODULES
 from .optimizers import LR_CENTERS, OptimizerSpec, lr_grid
 from .runner import (RunKey, check_evaluation, finite, load_finished, selection_loss,
                      time_to_target, train_run, write_json_atomic)
@@ -249,6 +250,13 @@ def prepare(settings: CompareSettings) -> list[ResolvedWorkload]:
             first = bound(settings.seeds[0])
         except WorkloadError:
             raise
+        except ImportError as error:
+            missing = (error.name or "").split(".")[0]
+            if missing not in BENCH_MODULES:
+                raise WorkloadError(f"workload {spec!r}: building it failed: "
+                                    f"{type(error).__name__}: {error}") from None
+            raise WorkloadError(f"workload {spec!r} needs {missing}, which is not installed; "
+                                f"it is part of the bench extra: {BENCH_EXTRA_HINT}") from None
         except Exception as error:  # user code: report it as bad input
             raise WorkloadError(f"workload {spec!r}: building it failed: "
                                 f"{type(error).__name__}: {error}") from None

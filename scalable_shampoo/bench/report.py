@@ -213,13 +213,23 @@ def plot(results: dict[str, Any], x: str, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- output
-def write_all(results: dict[str, Any], out: Path,
-              ) -> list[Path]:
-    """Writes ``results.json`` (atomically), ``results.md`` and the plots into ``out``."""
+def write_results(results: dict[str, Any], out: Path) -> list[Path]:
+    """Writes ``results.json`` (atomically) and ``results.md`` into ``out``: everything
+    but the plots, so that a missing matplotlib loses no result."""
     write_json_atomic(out / "results.json", results)
     (out / "results.md").write_text(format_markdown(results))
-    paths = [out / "results.json", out / "results.md"]
+    return [out / "results.json", out / "results.md"]
+
+
+def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
+    """Draws the plots into ``out``. Raises ``ImportError`` without matplotlib."""
+    paths = []
     for name, x in zip(PLOTS, ("step", "seconds")):
         plot(results, x, out / name)
         paths.append(out / name)
     return paths
+
+
+def write_all(results: dict[str, Any], out: Path) -> list[Path]:
+    """Writes ``results.json`` (atomically), ``results.md`` and the plots into ``out``."""
+    return write_results(results, out) + write_plots(results, out)

@@ -10,7 +10,7 @@ is a single pass as in the paper, and the held-out logs are a fixed sample.
 The student is DLRM (Naumov et al. 2019): a bottom MLP for the dense features, one
 embedding table per categorical feature, pairwise dot-product interactions, a top MLP. The
 largest table (``VOCABULARIES[0]``) is above Shampoo's default ``max_preconditioned_dim``
-(8192), so its vocabulary dimension gets no factor (SPEC 2.1), as for Criteo's tables.
+(8192), so its vocabulary dimension gets no factor, as for Criteo's tables.
 Metrics: log-loss (the loss) and AUC.
 """
 
