@@ -3,16 +3,18 @@
 The math lives elsewhere: shapes and blocks in :mod:`.blocking`, roots in
 :mod:`.matrix_functions`, factor statistics and preconditioning of stacked blocks in
 :mod:`.preconditioner`, grafting in :mod:`.grafting`, the eigenvalue-corrected variant in
-:mod:`.eigenvalue_corrected`; a block's state in and out of dicts in :mod:`.state_dicts`.
-This module decides, per step, which of those run on which blocks, and maps blocks back
-to parameters.
+:mod:`.eigenvalue_corrected`; which blocks of which parameters a group's stacks hold, and
+how updates reach the parameters, in :mod:`.plans`; saving and loading in
+:mod:`.optimizer_state` and :mod:`.state_dicts`. This module decides, per step, which of
+those run on which blocks.
 """
 
 from __future__ import annotations
 
 import numbers
+import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any, Callable, Iterable
 
 import torch
@@ -20,21 +22,21 @@ import torch
 from .argument_checks import (check_dense, check_dense_grads, check_group_keys,
                               check_group_lr, explain_unknown_keywords)
 from .async_roots import RootEvents, RootScheduler, resolve_root_delay
-from .blocking import BlockLayout, BlockRegion, block_layout, block_regions, region_view
+from .blocking import BlockRegion
 from .config import STRUCTURAL_FIELDS, ShampooConfig
-from .distributed import DataParallel, Description, Exchange
+from .distributed import DataParallel, Description
+from .distributed_state import StateGather
 from .eigenvalue_corrected import (EigenvalueCorrectedStack, basis_metrics,
                                    eigenvalue_corrected_direction_)
 from .grafting import graft, graft_direction_
 from .gradient_screen import Skips, unusable_params
 from .matrix_functions import newton_fraction
+from .optimizer_state import StateDictMethods
+from .param_state import StateViews, new_step
+from .plans import ApplyPlan, Gathered, GroupPlan, build_plan, gather, stack_live, structure
 from .preconditioner import BlockStack, StackState
+from .state_dicts import block_state, load_block_state
 from .step_journal import StepJournal
-from .state_dicts import (SHARDED_FORMAT, STATE_FORMAT, block_state, check_state_dict,
-                          restore_blocks, saved_groups)
-# Counters that are the same on every rank (decided on whole gradients, agreed).
-RANK_FREE_COUNTERS = ("nonfinite_grad_skips", "overflow_grad_skips")
-STACK_TYPES = {"shampoo": BlockStack, "eigenvalue_corrected": EigenvalueCorrectedStack}
 
 
 def momentum_direction_(momentum: torch.Tensor | None, direction: torch.Tensor,
@@ -59,53 +61,14 @@ def update_scale(config: ShampooConfig, step: int) -> float:
     directions ``v`` (:func:`momentum_direction_`, ``eigenvalue_corrected_direction_``):
     the first moment's bias correction ``1 / (1 - beta1^step)`` where ``v`` is the raw
     first moment, else 1 (no momentum or bias correction, Nesterov, the eigenvalue-
-    corrected variant with grafting). A function of the config and the step, so that
-    with data parallelism a rank that owns no block of the group knows it too."""
+    corrected variant with grafting). A function of the config and the step, a
+    parameter's own step count (the same on every rank), so that with data parallelism
+    a rank that owns none of the parameter's blocks knows it too."""
     beta1 = config.betas[0]
     grafted_ec = config.preconditioner == "eigenvalue_corrected" and config.grafting != "none"
     if beta1 == 0.0 or not config.bias_correction or config.nesterov or grafted_ec:
         return 1.0
     return 1.0 / (1 - beta1**step)
-
-
-@dataclass(frozen=True)
-class _Piece:
-    """A region of one parameter, stored in a stack from ``row`` on."""
-
-    param: int
-    region: BlockRegion
-    row: int
-
-
-@dataclass
-class _GroupPlan:
-    """How one param group's parameters map onto block stacks.
-
-    Attributes:
-        layouts: per parameter, its block layout.
-        stacks: the group's block stacks.
-        pieces: per stack, the parameter regions it holds, in row order.
-        locations: per parameter, per block, ``(stack index, row in the stack)``.
-        structure: the structural hyperparameters the plan was built with.
-        step: steps taken by the group.
-        checked_root_setting: the (root_method, exponent_multiplier) last validated.
-        exchange: with data parallelism, the blocks' owners and the all-gather layout;
-            the stacks then hold this rank's blocks only, ``locations`` has ``(-1, -1)``
-            for the others'.
-    """
-
-    layouts: list[BlockLayout]
-    stacks: list[BlockStack]
-    pieces: list[list[_Piece]]
-    locations: list[list[tuple[int, int]]]
-    structure: tuple
-    step: int = 0
-    checked_root_setting: tuple | None = None
-    exchange: Exchange | None = None
-
-
-def _structure(config: ShampooConfig) -> tuple:
-    return tuple(getattr(config, name) for name in STRUCTURAL_FIELDS)
 
 
 def _described(fields: dict[str, Any]) -> list[tuple[str, str]]:
@@ -122,84 +85,36 @@ def _described(fields: dict[str, Any]) -> list[tuple[str, str]]:
     return [(name, repr(canonical(value))) for name, value in fields.items()]
 
 
-def _work_dtype(param_dtype: torch.dtype) -> torch.dtype:
-    # Low-precision parameters keep their optimizer state and math in float32.
-    return torch.float64 if param_dtype == torch.float64 else torch.float32
+def _built_by_zero() -> bool:
+    """Whether ``torch.distributed.optim.ZeroRedundancyOptimizer`` is constructing this
+    optimizer (it builds its per-rank optimizer inside its own methods)."""
+    zero = getattr(sys.modules.get("torch.distributed.optim"), "ZeroRedundancyOptimizer", None)
+    frame = sys._getframe(1)
+    while zero is not None and frame is not None:
+        if isinstance(frame.f_locals.get("self"), zero):
+            return True
+        frame = frame.f_back
+    return False
 
 
-def _build_plan(params: list[torch.Tensor], config: ShampooConfig, batched: bool,
-                data_parallel: DataParallel | None = None,
-                previous: _GroupPlan | None = None) -> _GroupPlan:
-    """With ``data_parallel``, the blocks are assigned to ranks (balancing the loads
-    on from the ``previous`` group's) and the stacks get this rank's blocks only."""
-    layouts = [block_layout(p.shape, config.block_size, config.max_preconditioned_dim,
-                            config.precondition_1d) for p in params]
-    exchange = None if data_parallel is None else Exchange.plan(
-        params, layouts, data_parallel, previous.exchange if previous else None)
-    stacks, pieces = [], []
-    locations: list[list[tuple[int, int]]] = []
-    index: dict[Any, int] = {}
-    for pi, (param, layout) in enumerate(zip(params, layouts)):
-        if param.numel() == 0:  # nothing to precondition or update
-            locations.append([])
-            continue
-        where: list[tuple[int, int]] = [(-1, -1)] * layout.num_blocks
-        regions = block_regions(layout, one_block_each=not batched)
-        if exchange is not None:  # this rank's boxes; the exchange records the others'
-            regions = exchange.add_param(pi, regions, _work_dtype(param.dtype), param.device)
-        for region in regions:
-            key = ((region.block_shape, layout.preconditioned_dims, param.dtype, param.device)
-                   if batched else (pi, region.block_indices))
-            if key not in index:
-                index[key] = len(stacks)
-                stack_type = STACK_TYPES[config.preconditioner]
-                stacks.append(stack_type(region.block_shape, layout.preconditioned_dims, [],
-                                         _work_dtype(param.dtype), param.device, batched))
-                pieces.append([])
-            si = index[key]
-            stack = stacks[si]
-            pieces[si].append(_Piece(pi, region, len(stack.members)))
-            for bi in region.block_indices:
-                where[bi] = (si, len(stack.members))
-                stack.members.append((pi, bi))
-        locations.append(where)
-    for stack in stacks:
-        stack.allocate(config)
-    return _GroupPlan(layouts, stacks, pieces, locations, _structure(config), exchange=exchange)
-
-
-@dataclass
-class _Gathered:
-    """The gradient blocks of one stack for one step.
-
-    Attributes:
-        rows: the stack rows present (parameters with a usable gradient).
-        blocks: those rows' gradient blocks ``(len(rows), *block_shape)``, or None.
-        placements: each piece present and the position of its first block in ``blocks``.
-    """
-
-    rows: list[int]
-    blocks: torch.Tensor | None
-    placements: list[tuple[_Piece, int]]
-
-
-def _check_newton_exponents(plan: _GroupPlan, config: ShampooConfig, index: int) -> None:
+def _check_newton_exponents(plan: GroupPlan, config: ShampooConfig, index: int) -> None:
     """Fails before the first step, not at the first root step, when the Newton root
-    cannot compute some block's exponent."""
+    cannot compute some block's exponent (of any parameter, with state or not yet)."""
     if config.root_method != "newton" or config.preconditioner != "shampoo":
         return
-    for stack in plan.stacks:
-        if stack.dims:
+    for layout, regions in zip(plan.layouts, plan.regions):
+        dims = len(layout.preconditioned_dims)
+        if dims and regions:
             try:
-                newton_fraction(stack.exponent(config))
+                newton_fraction(config.exponent_multiplier / (2 * dims))  # BlockStack.exponent
             except ValueError as error:
                 raise ValueError(
                     f"param group {index}: root_method='newton' cannot serve blocks with "
-                    f"{len(stack.dims)} preconditioned dimensions at exponent_multiplier="
+                    f"{dims} preconditioned dimensions at exponent_multiplier="
                     f"{config.exponent_multiplier}: {error}") from None
 
 
-class Shampoo(torch.optim.Optimizer):
+class Shampoo(StateDictMethods, torch.optim.Optimizer):
     """Shampoo: a Kronecker-factored preconditioner per (block of a) parameter.
 
     Each parameter is cut into blocks (dimensions above ``block_size`` split, small
@@ -278,6 +193,14 @@ class Shampoo(torch.optim.Optimizer):
             ``ValueError`` on every rank). Default True.
         process_group: the group to share over; None: the default group.
 
+    State (:mod:`.param_state`): ``optimizer.state[p]`` holds each parameter's ``step``
+    (a tensor, as ``torch.optim``) and views of its blocks' rows of the stacked storage;
+    parameters get state at their first gradient, and their own step count drives their
+    bias corrections. Unlike ``torch.optim``, replacing an entry of ``state[p]`` is not
+    seen by the optimizer (the stacks are the storage). Under data parallelism
+    :meth:`state_dict` is a collective that every rank must call
+    (:mod:`.distributed_state`).
+
     Example::
 
         optimizer = Shampoo(model.parameters(), lr=1e-3, weight_decay=1e-4,
@@ -331,10 +254,21 @@ class Shampoo(torch.optim.Optimizer):
         defaults["precondition_1d"] = precondition_1d
         if not isinstance(foreach, bool):
             raise ValueError(f"foreach must be True or False, got {foreach!r}")
+        if _built_by_zero():
+            raise TypeError(
+                "Shampoo cannot run inside torch.distributed.optim.ZeroRedundancyOptimizer: "
+                "ZeRO gives each rank a subset of the parameters and writes optimizer.state "
+                "directly, which Shampoo's stacked blocks do not read. Under data parallelism "
+                "Shampoo already shards its state over the ranks: use "
+                "Shampoo(model.parameters(), ...) itself.")
         self.foreach = foreach
         self._roots = RootScheduler(async_roots, root_workers)
         self._data_parallel = DataParallel.resolve(distributed, process_group)
-        self._plans: list[_GroupPlan | None] = []
+        data_parallel = self._data_parallel
+        self._gather = None if data_parallel is None else StateGather(
+            data_parallel.group, data_parallel.rank, data_parallel.world_size)
+        self._plans: list[GroupPlan | None] = []
+        self._views = StateViews()
         self._counters = {"root_computations": 0, "root_failures": 0,
                           "nonfinite_grad_skips": 0, "overflow_grad_skips": 0,
                           "root_seconds": 0.0, "root_wait_seconds": 0.0}
@@ -364,16 +298,16 @@ class Shampoo(torch.optim.Optimizer):
         self._plans.append(None)
         self._ranks_agree = False
 
-    def _plan(self, index: int, config: ShampooConfig) -> _GroupPlan:
+    def _plan(self, index: int, config: ShampooConfig) -> GroupPlan:
         params = self.param_groups[index]["params"]
         plan = self._plans[index]
         if plan is None:
-            plan = self._plans[index] = _build_plan(params, config, self.foreach,
-                                                    self._data_parallel,
-                                                    self._plans[index - 1] if index else None)
-        elif plan.structure != _structure(config):
+            plan = self._plans[index] = build_plan(params, config, self.foreach,
+                                                   self._data_parallel,
+                                                   self._plans[index - 1] if index else None)
+        elif plan.structure != structure(config):
             changed = [name for name, old, new in
-                       zip(STRUCTURAL_FIELDS, plan.structure, _structure(config)) if old != new]
+                       zip(STRUCTURAL_FIELDS, plan.structure, structure(config)) if old != new]
             raise ValueError(f"{', '.join(changed)} of param group {index} cannot change after "
                              "the optimizer state was created")
         elif len(plan.layouts) != len(params) or any(
@@ -409,21 +343,21 @@ class Shampoo(torch.optim.Optimizer):
                 check_group_lr(config, group["params"], index)
             delays = [resolve_root_delay(config, self._roots.asynchronous) for config in configs]
             if data_parallel is not None:  # the same on every rank, or ValueError on every rank
-                structure = None if self._ranks_agree else self._structure_description(configs)
-                data_parallel.check(structure, self._values_description(configs))
+                described = None if self._ranks_agree else self._structure_description(configs)
+                data_parallel.check(described, self._values_description(configs))
                 self._ranks_agree = True
             plans = [self._plan(index, config) for index, config in enumerate(configs)]
             self._roots.raise_failures([stack for plan in plans for stack in plan.stacks])
             journal = self._journal(configs, plans)
             try:
-                for index, (group, config, plan, delay) in enumerate(
-                        zip(self.param_groups, configs, plans, delays)):
-                    self._step_group(group, config, plan, delay, journal)
+                for index, (config, delay) in enumerate(zip(configs, delays)):
+                    self._step_group(index, config, delay, journal)
                     if journal is not None:
                         journal.group_done(index)
             except BaseException:
                 if journal is not None:
                     journal.restore()
+                    self._refresh_views(force=True)
                 raise
         except Exception as error:
             if data_parallel is not None:  # join what the other ranks wait in
@@ -432,20 +366,27 @@ class Shampoo(torch.optim.Optimizer):
         return loss
 
     def _journal(self, configs: list[ShampooConfig],
-                 plans: list[_GroupPlan]) -> StepJournal | None:
+                 plans: list[GroupPlan]) -> StepJournal | None:
         """What makes this step all-or-nothing (:mod:`.step_journal`): with background
         roots, waiting now for every result the step will use (a failed one raises
-        before anything changed); without, a journal when a group computes roots."""
+        before anything changed; a parameter at its first gradient puts its stacks'
+        pending roots in use early); without, a journal when a group computes roots."""
+        def newcomers(plan: GroupPlan, index: int) -> bool:
+            params = self.param_groups[index]["params"]
+            return any(p.grad is not None and pi not in plan.live for pi, p in enumerate(params))
+
         due = [[stack for stack in plan.stacks if stack.dims and (
-                config.is_root_step(plan.step + 1) or (
-                    stack.pending is not None and stack.pending.activates_at <= plan.step + 1))]
-               for config, plan in zip(configs, plans)]
+                config.is_root_step(plan.step + 1) or (stack.pending is not None and (
+                    stack.pending.activates_at <= plan.step + 1 or newcomers(plan, index))))]
+               for index, (config, plan) in enumerate(zip(configs, plans))]
         if self._roots.asynchronous:
             self._counters["root_wait_seconds"] += self._roots.wait_all(
                 [stack for stacks in due for stack in stacks])
             return None
+        # A group without stacks yet may create them (parameters at their first gradient).
         root_groups = [index for index, (config, plan) in enumerate(zip(configs, plans))
-                       if config.is_root_step(plan.step + 1) and due[index]]
+                       if config.is_root_step(plan.step + 1) and (
+                           due[index] or len(plan.live) < len(plan.layouts))]
         if not root_groups:
             return None
         return StepJournal(self._counters, self._warned, last_root_group=root_groups[-1])
@@ -472,9 +413,10 @@ class Shampoo(torch.optim.Optimizer):
                                 *_described(config.as_dict())])
         return description
 
-    def _step_group(self, group: dict[str, Any], config: ShampooConfig,
-                    plan: _GroupPlan, delay: int, journal: StepJournal | None) -> None:
-        params = group["params"]
+    def _step_group(self, index: int, config: ShampooConfig, delay: int,
+                    journal: StepJournal | None) -> None:
+        params = self.param_groups[index]["params"]
+        plan = self._plans[index]
         exchange = plan.exchange
         apply = None
         if exchange is not None:
@@ -482,8 +424,8 @@ class Shampoo(torch.optim.Optimizer):
             # agreement, which a rank that fails here joins as failed: then no rank has
             # changed any state, and none can fail after the others applied the update.
             exchange.allocate()
-            apply = _ApplyPlan.prepare(params, plan.layouts,
-                                       [(pi, region) for pi, region, _ in exchange.received])
+            apply = ApplyPlan.prepare(params, plan.layouts,
+                                      [(pi, region) for pi, region, _ in exchange.received])
         grads = [p.grad for p in params]
         skips = Skips()
         if exchange is not None:  # decided on whole gradients, the same on every rank
@@ -491,12 +433,15 @@ class Shampoo(torch.optim.Optimizer):
         if all(g is None for g in grads) and not skips.all():
             return
         step = plan.step + 1
+        newcomers = [pi for pi, g in enumerate(grads) if g is not None and pi not in plan.live]
+        if newcomers:  # their first gradient: their state is created now
+            plan = self._add_live(index, config, newcomers, step, journal)
         if config.weight_decay and not config.decoupled_weight_decay:
             grads = [None if g is None else g.add(p, alpha=config.weight_decay)
                      for g, p in zip(grads, params)]
         merged = [g.reshape(layout.merged_shape) if g is not None and g.numel() > 0 else None
                   for g, layout in zip(grads, plan.layouts)]
-        gathered = [_gather(stack, pieces, merged)
+        gathered = [gather(stack, pieces, merged)
                     for stack, pieces in zip(plan.stacks, plan.pieces)]
         if exchange is None:
             skips = unusable_params([(stack, batch.rows, batch.blocks) for stack, batch
@@ -505,30 +450,31 @@ class Shampoo(torch.optim.Optimizer):
         if bad and exchange is None:  # rare: gather again without them, so no state of
             # theirs is touched (agree() already left them out of the exchange's grads)
             merged = [None if pi in bad else m for pi, m in enumerate(merged)]
-            gathered = [_gather(stack, pieces, merged)
+            gathered = [gather(stack, pieces, merged)
                         for stack, pieces in zip(plan.stacks, plan.pieces)]
         if apply is None:  # one process: the boxes present, before any state changes
-            apply = _ApplyPlan.prepare(params, plan.layouts,
-                                       [(piece.param, piece.region) for batch in gathered
-                                        for piece, _ in batch.placements])
+            apply = ApplyPlan.prepare(params, plan.layouts,
+                                      [(piece.param, piece.region) for batch in gathered
+                                       for piece, _ in batch.placements])
+        # Each updated parameter's own step count (the same on every rank) drives its bias
+        # corrections, and so its update's scale.
+        updated = [pi for pi, g in enumerate(grads) if g is not None and pi not in bad]
+        counters = [self.state[params[pi]]["step"] for pi in updated]
+        param_steps = {pi: int(t) + 1 for pi, t in zip(updated, counters)}
+        scales = {pi: update_scale(config, count) for pi, count in param_steps.items()}
         if journal is not None:
             journal.keep_value(plan, "step")
+            journal.keep_params(counters)
         plan.step = step
         self._note_skips(skips, step)
 
-        scale = update_scale(config, step)
         own: list[tuple[int, BlockRegion, torch.Tensor]] = []  # this rank's boxes' v
         for stack, batch in zip(plan.stacks, gathered):
             if journal is not None:
                 journal.keep_stack(stack)
-            result = self._stack_direction(stack, batch.rows, batch.blocks, config, step,
-                                           delay)
-            if result is None:
+            direction = self._stack_direction(stack, batch, config, step, delay, param_steps)
+            if direction is None:
                 continue
-            direction, stack_scale = result
-            if stack_scale != scale:
-                raise RuntimeError(f"internal: a block stack returned scale {stack_scale}, "
-                                   f"update_scale gives {scale}")
             for piece, position in batch.placements:
                 region = piece.region
                 update = direction[position:position + region.num_blocks]
@@ -543,7 +489,49 @@ class Shampoo(torch.optim.Optimizer):
                           for pi, _, view in exchange.received]
         if journal is not None:
             journal.keep_params(list(apply.updated_params(directions).values()))
-        apply.run(directions, config, scale)
+        apply.run(directions, config, scales)
+        if counters:
+            torch._foreach_add_(counters, 1.0)
+        self._views.refresh(self.state, params, plan.stacks)
+
+    def _add_live(self, index: int, config: ShampooConfig, newcomers: list[int],
+                  step: int, journal: StepJournal | None = None) -> GroupPlan:
+        """Gives ``newcomers`` (parameters of group ``index`` at their first gradient)
+        state: the group's stacks are rebuilt with their blocks and the others' rows
+        copied over. Roots computed but not yet in use are put in use first (up to
+        ``root_delay`` steps early: a stack's rows share one pending computation). The
+        ``journal`` keeps the plan, the old stacks and the new state entries."""
+        params = self.param_groups[index]["params"]
+        old = self._plans[index]
+        if journal is not None:
+            journal.keep_item(self._plans, index)
+            for stack in old.stacks:
+                journal.keep_stack(stack)
+            for pi in newcomers:
+                journal.keep_item(self.state, params[pi])
+        for stack in old.stacks:
+            self._count(self._roots.activate(stack, config, step, force=True))
+        plan = replace(old, live=old.live | frozenset(newcomers))
+        stack_live(plan, params, config, self.foreach)
+        for stack in plan.stacks:
+            stack.ensure_buffers(config)
+        for stack in old.stacks:
+            for row, (pi, bi) in enumerate(stack.members):
+                si, new_row = plan.locations[pi][bi]
+                load_block_state(plan.stacks[si], new_row, block_state(stack, row),
+                                 f"parameter {pi} block {bi}", check_finite=False)
+        self._plans[index] = plan
+        for pi in newcomers:
+            self.state[params[pi]] = {"step": new_step()}
+        self._views.forget(old.stacks)
+        self._views.refresh(self.state, params, plan.stacks, force=True)
+        return plan
+
+    def _refresh_views(self, force: bool = False) -> None:
+        """Points ``optimizer.state[p]["blocks"]`` at every stack's current storage."""
+        for group, plan in zip(self.param_groups, self._plans):
+            if plan is not None:
+                self._views.refresh(self.state, group["params"], plan.stacks, force)
 
     def _note_skips(self, skips: Skips, step: int) -> None:
         """Counts the parameters skipped for NaN/Inf or overflowing gradients (each cause
@@ -562,13 +550,17 @@ class Shampoo(torch.optim.Optimizer):
                               f"counted in metrics()[{counter!r}] without a warning.",
                               RuntimeWarning, stacklevel=6)  # the caller of optimizer.step()
 
-    def _stack_direction(self, stack: BlockStack, rows: list[int], blocks: torch.Tensor | None,
-                         config: ShampooConfig, step: int,
-                         delay: int) -> tuple[torch.Tensor, float] | None:
-        """Statistics, roots, grafting and momentum for the active ``rows`` of a stack;
-        returns their update directions ``u`` as ``(v, scale)``, ``u = scale * v``
-        or None without active rows. Roots launched at a root step go into use ``delay``
-        steps later (:mod:`.async_roots`). Overwrites ``blocks``."""
+    def _stack_direction(self, stack: BlockStack, batch: Gathered, config: ShampooConfig,
+                         step: int, delay: int, param_steps: dict[int, int]
+                         ) -> torch.Tensor | None:
+        """Statistics, roots, grafting and momentum for the active rows of a stack (the
+        ``batch``); returns their directions ``v`` (the update of a parameter at step
+        ``t`` is ``u = update_scale(config, t) * v``), or None without active rows.
+        ``step`` (the group's) schedules statistics and roots: roots launched at a root
+        step go into use ``delay`` steps later (:mod:`.async_roots`); each row's
+        parameter step (``param_steps``) drives its bias corrections and its start of
+        preconditioning. Overwrites the batch's blocks."""
+        rows, blocks = batch.rows, batch.blocks
         stack.ensure_buffers(config)
         everyone = len(rows) == len(stack.members)
         selection = None if everyone else torch.tensor(rows, dtype=torch.long)
@@ -586,38 +578,51 @@ class Shampoo(torch.optim.Optimizer):
                 state = stack.state.select(selection)
         if not rows:
             return None
+        steps = {param_steps[piece.param] for piece, _ in batch.placements}
+        if len(steps) == 1:
+            return self._direction(stack, state, selection, blocks, config, steps.pop(), delay)
+        # Rows of parameters with different step counts (some started late or skipped a
+        # step): each count's rows apart.
+        row_steps = torch.tensor([param_steps[piece.param] for piece, _ in batch.placements
+                                  for _ in range(piece.region.num_blocks)])
+        update = torch.empty_like(blocks)
+        all_rows = torch.tensor(rows, dtype=torch.long)
+        for count in sorted(steps):
+            where = (row_steps == count).nonzero().flatten()
+            part = all_rows[where]
+            update[where] = self._direction(stack, stack.state.select(part), part,
+                                            blocks[where], config, count, delay)
+        return update
+
+    def _direction(self, stack: BlockStack, state: StackState, selection: torch.Tensor | None,
+                   blocks: torch.Tensor, config: ShampooConfig, step: int,
+                   delay: int) -> torch.Tensor:
+        """Grafting, preconditioning and momentum (eigenvalue-corrected blocks: Adam in
+        the eigenbases) of rows whose parameters are at ``step``: ``state`` is theirs
+        (``selection`` of the stack; None: all rows, then ``state`` is the stack's),
+        written back. Returns ``v``, whose scale is ``update_scale(config, step)``."""
         if isinstance(stack, EigenvalueCorrectedStack):
-            return self._eigenvalue_corrected_direction(stack, state, selection, blocks,
-                                                        config, step)
-        direction = graft_direction_(config.grafting, blocks, state.graft, step,
-                                     config.grafting_beta2, config.grafting_epsilon)
-        if stack.dims and step >= config.preconditioning_start + delay:
-            preconditioned = stack.precondition(state, blocks)
-            direction = (preconditioned if config.grafting == "none"
-                         else graft(preconditioned, direction, inplace=True))
-        update, scale = momentum_direction_(state.momentum, direction, config, step)
-        if not everyone:
+            update, scale = eigenvalue_corrected_direction_(stack, state, blocks, config, step)
+        else:
+            direction = graft_direction_(config.grafting, blocks, state.graft, step,
+                                         config.grafting_beta2, config.grafting_epsilon)
+            if stack.dims and step >= config.preconditioning_start + delay:
+                preconditioned = stack.precondition(state, blocks)
+                direction = (preconditioned if config.grafting == "none"
+                             else graft(preconditioned, direction, inplace=True))
+            update, scale = momentum_direction_(state.momentum, direction, config, step)
+        if selection is not None:
             stack.state.assign(selection, state)
-        return update, scale
+        if scale != update_scale(config, step):
+            raise RuntimeError(f"internal: a block stack returned scale {scale}, "
+                               f"update_scale gives {update_scale(config, step)}")
+        return update
 
     def _count(self, events: RootEvents) -> None:
         self._counters["root_computations"] += events.computed
         self._counters["root_failures"] += events.rejected
         self._counters["root_seconds"] += events.seconds
         self._counters["root_wait_seconds"] += events.wait_seconds
-
-    @staticmethod
-    def _eigenvalue_corrected_direction(stack: EigenvalueCorrectedStack, state: StackState,
-                                        selection: torch.Tensor | None, blocks: torch.Tensor,
-                                        config: ShampooConfig, step: int
-                                        ) -> tuple[torch.Tensor, float]:
-        """The eigenvalue-corrected step for a stack's active rows (``selection``; None:
-        all rows): Adam in the factors' eigenbases, whose first moment replaces the
-        momentum."""
-        update, scale = eigenvalue_corrected_direction_(stack, state, blocks, config, step)
-        if selection is not None:
-            stack.state.assign(selection, state)
-        return update, scale
 
     # ----------------------------------------------------------------------- metrics
     def metrics(self) -> dict[str, float]:
@@ -645,7 +650,8 @@ class Shampoo(torch.optim.Optimizer):
         - ``basis_refreshes``, ``basis_refreshes_skipped``, ``basis_failures``: bases
           of eigenvalue-corrected blocks recomputed, skipped (``basis_refresh_tolerance``)
           and rejected (NaN/Inf; the previous basis stayed in use).
-        - ``step``, ``num_blocks`` (of all parameters), ``num_block_stacks``.
+        - ``step`` (the largest group step counter), ``num_blocks`` (of the parameters
+          with state), ``num_block_stacks``.
         - ``world_size``, ``rank``, ``owned_blocks``: with data parallelism
           (:mod:`.distributed`) a rank holds the state of its ``owned_blocks`` only; then
           every entry except ``step``, ``num_blocks`` and the ``*_grad_skips`` is this
@@ -678,100 +684,6 @@ class Shampoo(torch.optim.Optimizer):
             **basis_metrics(stack for plan in plans for stack in plan.stacks),
         }
 
-    # -------------------------------------------------------------------- state dict
-    def state_dict(self) -> dict[str, Any]:
-        """The full state: per parameter (by index, as ``torch.optim``) its step and,
-        per block, the factors, roots in use, grafting and momentum state (eigenvalue-
-        corrected blocks: the bases in "roots", the rotated moments, the basis counts),
-        and roots computed but not yet in use (waiting for background work in flight).
-        Tensors are copies. With data parallelism, :meth:`sharded_state_dict` (this
-        rank's blocks)."""
-        if self._data_parallel is not None:
-            return self.sharded_state_dict()
-        self._wait_for_roots()
-        state, offset = {}, 0
-        for gi, group in enumerate(self.param_groups):
-            count = len(group["params"])
-            plan = self._plans[gi]
-            if plan is not None:
-                for pi in range(count):
-                    state[offset + pi] = {
-                        "step": plan.step,
-                        "blocks": [block_state(plan.stacks[si], row)
-                                   for si, row in plan.locations[pi]]}
-            offset += count
-        return {"format": STATE_FORMAT, "state": state,
-                "param_groups": saved_groups(self.param_groups),
-                "counters": dict(self._counters)}
-
-    def sharded_state_dict(self) -> dict[str, Any]:
-        """The state for ``torch.distributed.checkpoint``, keyed by parameter and block
-        index (strings), never by rank: per parameter, ``"blocks"`` holds the blocks this
-        rank owns (all without data parallelism), so the ranks' union is the whole state
-        at any world size; of the counters only the rank-independent
-        ``nonfinite_grad_skips`` and ``overflow_grad_skips``. Allocates what a first step
-        would, so that it is also the template DCP loads into. Tensors are copies; roots
-        computed but not yet in use are one opaque ``bytes`` entry per block. See
-        :mod:`.distributed`."""
-        self._wait_for_roots()
-        state, offset = {}, 0
-        for gi, group in enumerate(self.param_groups):
-            config = ShampooConfig.from_group(group)
-            plan = self._plan(gi, config)
-            for stack in plan.stacks:
-                stack.ensure_buffers(config)
-            for pi, where in enumerate(plan.locations):
-                state[str(offset + pi)] = {
-                    "step": plan.step,
-                    "blocks": {str(bi): block_state(plan.stacks[si], row, sharded=True)
-                               for bi, (si, row) in enumerate(where) if si >= 0}}
-            offset += len(group["params"])
-        return {"format": SHARDED_FORMAT, "state": state,
-                "param_groups": saved_groups(self.param_groups),
-                "counters": {name: self._counters[name] for name in RANK_FREE_COUNTERS}}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores :meth:`state_dict`'s or :meth:`sharded_state_dict`'s output
-        (hyperparameters included, as ``torch.optim`` does), taking the blocks this rank
-        owns from whichever blocks the state holds. Raises ``ValueError`` for another
-        format, a state that does not fit these parameters, or one that lacks a block."""
-        saved = check_state_dict(state_dict, self.param_groups)
-        configs = [ShampooConfig.from_group({**g, **s}) for g, s in zip(self.param_groups, saved)]
-        plans: list[_GroupPlan] = []
-        for group, config in zip(self.param_groups, configs):
-            plans.append(_build_plan(group["params"], config, self.foreach, self._data_parallel,
-                                     plans[-1] if plans else None))
-        for plan, entry in zip(plans, saved):
-            step = restore_blocks(plan.stacks, plan.locations, entry["params"],
-                                  state_dict["state"])
-            if step is not None:
-                plan.step = step
-        for group, entry in zip(self.param_groups, saved):
-            group.update({k: v for k, v in entry.items() if k != "params"})
-        self._plans = plans
-        self._counters.update(state_dict.get("counters", {}))
-        self._ranks_agree = False
-
-    def __getstate__(self) -> dict[str, Any]:
-        # torch.optim pickles only defaults/state/param_groups; ours lives beside them.
-        # Work in flight is waited for, so a copy holds its result (and no thread).
-        self._wait_for_roots()
-        state = super().__getstate__()
-        state.update(foreach=self.foreach, _plans=self._plans, _counters=self._counters,
-                     _warned=self._warned, _roots=self._roots,
-                     _ranks_agree=self._ranks_agree, _described_configs=None,
-                     _data_parallel=self._data_parallel)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        # A pickle of an earlier version: one warning flag and no overflow counter.
-        state = dict(state)
-        warned = state.pop("_warned_nonfinite", False)
-        state.setdefault("_warned", {"nonfinite"} if warned else set())
-        state.setdefault("_ranks_agree", False)
-        state.setdefault("_described_configs", None)
-        super().__setstate__(state)
-        self._counters.setdefault("overflow_grad_skips", 0)
 
     # --------------------------------------------------------------------- lifecycle
     def _wait_for_roots(self) -> None:
@@ -827,99 +739,3 @@ def _effective_values(group: dict[str, Any], asynchronous: bool) -> dict[str, An
                   start_preconditioning_step=config.preconditioning_start,
                   root_delay=delay, factor_beta=config.factor_ema)
     return values
-
-
-def _gather(stack: BlockStack, pieces: list[_Piece],
-            merged: list[torch.Tensor | None]) -> _Gathered:
-    """Copies the gradient blocks of ``stack`` (from ``merged``, per parameter its
-    gradient in the merged shape, None to leave it out) into one ``(rows, *block_shape)``
-    tensor in the work dtype: one strided copy per region, not per block."""
-    present = [piece for piece in pieces if merged[piece.param] is not None]
-    if not present:
-        return _Gathered([], None, [])
-    total = sum(piece.region.num_blocks for piece in present)
-    blocks = torch.empty((total, *stack.block_shape), dtype=stack.work_dtype,
-                         device=stack.device)
-    rows: list[int] = []
-    placements = []
-    position = 0
-    for piece in present:
-        region = piece.region
-        count = region.num_blocks
-        blocks[position:position + count].view((*region.counts, *region.block_shape)).copy_(
-            region_view(merged[piece.param], region))
-        rows.extend(range(piece.row, piece.row + count))
-        placements.append((piece, position))
-        position += count
-    return _Gathered(rows, blocks, placements)
-
-
-@dataclass
-class _ApplyPlan:
-    """Where the directions of one group's boxes go, prepared before the update is
-    computed: parameter views, cast and assembly buffers. What then runs (:meth:`run`) is
-    in-place arithmetic on tensors that exist already, the same on every rank, so that
-    it cannot fail on one rank only.
-
-    Attributes:
-        params: the group's parameters.
-        box_params: per box, its parameter's index.
-        copies: ``(box, buffer)``: the box's direction is copied into the buffer first
-            (cast to the parameter's dtype, or assembled for a non-contiguous parameter).
-        adds: ``(parameter index, target, delta)``: the target (a view of the parameter,
-            or the parameter) gets ``delta``, a buffer of ``copies`` or a box's index
-            (that box's direction as it is).
-    """
-
-    params: list[torch.Tensor]
-    box_params: list[int]
-    copies: list[tuple[int, torch.Tensor]]
-    adds: list[tuple[int, torch.Tensor, torch.Tensor | int]]
-
-    @classmethod
-    def prepare(cls, params: list[torch.Tensor], layouts: list[BlockLayout],
-                boxes: list[tuple[int, BlockRegion]]) -> "_ApplyPlan":
-        """For the directions of ``boxes`` (``(parameter index, region)``, in order)."""
-        plan = cls(params, [pi for pi, _ in boxes], [], [])
-        assembled: dict[int, torch.Tensor] = {}
-        for box, (pi, region) in enumerate(boxes):
-            param, shape = params[pi], layouts[pi].merged_shape
-            if not param.is_contiguous():  # e.g. channels_last: assemble, then one add
-                if pi not in assembled:
-                    assembled[pi] = torch.empty(shape, dtype=param.dtype, device=param.device)
-                    plan.adds.append((pi, param, assembled[pi].view(param.shape)))
-                plan.copies.append((box, region_view(assembled[pi], region)))
-                continue
-            target = region_view(param.view(shape), region)
-            if param.dtype == _work_dtype(param.dtype):
-                plan.adds.append((pi, target, box))
-            else:  # low precision: the direction is rounded to it, then added
-                cast = torch.empty(target.shape, dtype=param.dtype, device=param.device)
-                plan.copies.append((box, cast))
-                plan.adds.append((pi, target, cast))
-        return plan
-
-    def updated_params(self, directions: list[torch.Tensor | None]) -> dict[int, torch.Tensor]:
-        """The parameters :meth:`run` changes, by index: those with a direction for
-        their boxes."""
-        return {pi: self.params[pi] for pi, d in zip(self.box_params, directions)
-                if d is not None}
-
-    def run(self, directions: list[torch.Tensor | None], config: ShampooConfig,
-            scale: float) -> None:
-        """``p <- p - lr * wd * p`` (decoupled) then ``p <- p - lr * scale * v`` for the
-        parameters whose boxes have directions (``directions[box]``, None: the parameter
-        is skipped). The scale folds into the step size: the same ops, and so the same
-        rounding, in one process and on every rank."""
-        present = self.updated_params(directions)
-        if not present:
-            return
-        if config.weight_decay and config.decoupled_weight_decay:
-            torch._foreach_mul_(list(present.values()), 1 - config.lr * config.weight_decay)
-        for box, buffer in self.copies:
-            if directions[box] is not None:
-                buffer.copy_(directions[box])
-        adds = [(target, directions[delta] if isinstance(delta, int) else delta)
-                for pi, target, delta in self.adds if pi in present]
-        torch._foreach_add_([t for t, _ in adds], [d for _, d in adds],
-                            alpha=-config.lr * scale)

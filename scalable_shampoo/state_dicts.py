@@ -2,14 +2,23 @@
 formats, one block's state out of and into a block stack, and the checks a saved state
 must pass before anything is restored.
 
-A block's entry holds copies of its rows of the stack: factors, roots in use (bases for
+Both formats have ``torch.optim``'s shape, ``{"state": {key: entry}, "param_groups":
+[...]}`` (plus ``"format"`` and ``"counters"``, which ``torch.distributed.checkpoint``'s
+``get_optimizer_state_dict`` drops: its output is recognized by the ``shampoo_step`` of
+its groups). A parameter's entry holds its ``step`` (a tensor, as ``torch.optim``) and
+per block copies of its rows of the stack: factors, roots in use (bases for
 eigenvalue-corrected blocks), grafting and momentum state, the root record, the stack's
-extra state, and the roots computed but not yet in use (for a sharded state one opaque
-``bytes`` leaf, see :func:`.async_roots.encode_pending`).
+extra state, and the roots computed but not yet in use as one opaque ``bytes`` leaf (see
+:func:`.async_roots.encode_pending`; one leaf whether or not roots are pending, so that a
+DCP load template has the keys of any checkpoint). Parameters without state (frozen,
+never stepped) have no entry. Each saved group's ``shampoo_step`` is the group's step
+counter, which schedules root and statistics steps.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -18,18 +27,42 @@ from .async_roots import decode_pending, encode_pending, pending_from_rows, pend
 from .distributed import saved_blocks
 from .preconditioner import BlockStack, StackState
 
-STATE_FORMAT = "scalable_shampoo.shampoo/1"
+STATE_FORMAT = "scalable_shampoo.shampoo/2"
 # Keys by parameter and block index (strings), blocks a dict that may hold a subset.
-SHARDED_FORMAT = "scalable_shampoo.shampoo.sharded/1"
+SHARDED_FORMAT = "scalable_shampoo.shampoo.sharded/2"
+# Format 1: one step per group in every entry, pending roots as tensors in plain states.
+_OLD_FORMATS = ("scalable_shampoo.shampoo/1", "scalable_shampoo.shampoo.sharded/1")
+# The key of a saved param group that holds the group's step counter (not a
+# hyperparameter: load_state_dict does not copy it into the group).
+GROUP_STEP = "shampoo_step"
 
 
-def saved_groups(param_groups: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The groups' hyperparameters, parameters replaced by their global indices."""
+_DTYPE_PREFIX = "torch."
+
+
+def _saved_value(value: Any) -> Any:
+    # torch.distributed.checkpoint takes tensors, numbers, strings, lists and dicts:
+    # a dtype hyperparameter is saved by its name, "torch.float64".
+    return str(value) if isinstance(value, torch.dtype) else value
+
+
+def _loaded_value(name: str, value: Any) -> Any:
+    if name.endswith("_dtype") and isinstance(value, str) and value.startswith(_DTYPE_PREFIX):
+        dtype = getattr(torch, value[len(_DTYPE_PREFIX):], None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    return value
+
+
+def saved_groups(param_groups: Sequence[dict[str, Any]],
+                 group_steps: Sequence[int]) -> list[dict[str, Any]]:
+    """The groups' hyperparameters (dtypes by name) and step counters, parameters
+    replaced by their global indices."""
     groups, offset = [], 0
-    for group in param_groups:
+    for group, step in zip(param_groups, group_steps):
         count = len(group["params"])
-        groups.append({**{k: v for k, v in group.items() if k != "params"},
-                       "params": list(range(offset, offset + count))})
+        groups.append({**{k: _saved_value(v) for k, v in group.items() if k != "params"},
+                       "params": list(range(offset, offset + count)), GROUP_STEP: step})
         offset += count
     return groups
 
@@ -37,9 +70,14 @@ def saved_groups(param_groups: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
 def check_state_dict(state_dict: Any, param_groups: Sequence[dict[str, Any]]
                      ) -> list[dict[str, Any]]:
     """The saved groups of ``state_dict`` once its format and its groups' sizes match
-    ``param_groups``; ``ValueError`` otherwise."""
+    ``param_groups``; ``ValueError`` otherwise. A dict without ``"format"`` whose every
+    group has a ``shampoo_step`` is ours as ``torch.distributed.checkpoint`` returns it."""
     found = state_dict.get("format") if isinstance(state_dict, dict) else None
-    if found not in (STATE_FORMAT, SHARDED_FORMAT):
+    groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+    from_dcp = (found is None and isinstance(groups, list) and isinstance(
+        state_dict.get("state"), dict) and all(isinstance(g, dict) and GROUP_STEP in g
+                                               for g in groups))
+    if found not in (STATE_FORMAT, SHARDED_FORMAT, *_OLD_FORMATS) and not from_dcp:
         raise ValueError(f"not a Shampoo state dict of format {STATE_FORMAT!r} or "
                          f"{SHARDED_FORMAT!r} (found format {found!r})")
     saved = state_dict["param_groups"]
@@ -53,7 +91,62 @@ def check_state_dict(state_dict: Any, param_groups: Sequence[dict[str, Any]]
     return saved
 
 
-def block_state(stack: BlockStack, row: int, sharded: bool = False) -> dict[str, Any]:
+def hyperparameters(entry: dict[str, Any]) -> dict[str, Any]:
+    """A saved group's hyperparameters: what ``load_state_dict`` puts in the group."""
+    return {k: _loaded_value(k, v) for k, v in entry.items() if k not in ("params", GROUP_STEP)}
+
+
+def warn_structural_changes(saved: Sequence[dict[str, Any]],
+                            param_groups: Sequence[dict[str, Any]],
+                            fields: Sequence[str]) -> None:
+    """Warns, naming the fields, where a saved group's structural hyperparameters (which
+    shape the state: ``fields``) differ from the group's: loading switches the optimizer
+    to the saved structure, as ``torch.optim`` restores saved hyperparameters."""
+    for gi, (entry, group) in enumerate(zip(saved, param_groups)):
+        saved = hyperparameters(entry)
+        changed = [f"{name} {group.get(name)!r} -> {saved[name]!r}" for name in fields
+                   if name in saved and saved[name] != group.get(name)]
+        if changed:
+            warnings.warn(f"Shampoo.load_state_dict: param group {gi} takes the state dict's "
+                          f"structure, which differs from the constructor's arguments: "
+                          f"{', '.join(changed)}", UserWarning, stacklevel=4)
+
+
+def warn_missing(param_groups: Sequence[dict[str, Any]], saved: Sequence[dict[str, Any]],
+                 entries: dict[Any, Any]) -> None:
+    """Reports the parameters that require gradients but have no saved state (they start
+    fresh: right for parameters frozen or unused when the state was saved)."""
+    missing = []
+    offset = 0
+    for group, entry in zip(param_groups, saved):
+        for pi, (param, key) in enumerate(zip(group["params"], entry["params"])):
+            if param.requires_grad and saved_entry(entries, key) is None:
+                missing.append(offset + pi)
+        offset += len(group["params"])
+    if missing and entries:
+        warnings.warn(f"Shampoo.load_state_dict: the state dict has no state for parameter(s) "
+                      f"{missing} (global indices); they start fresh, as parameters frozen or "
+                      "unused when it was saved do", UserWarning, stacklevel=4)
+
+
+def saved_entry(entries: dict[Any, Any], key: Any) -> Any:
+    """A parameter's saved entry by its key in the saved group (an index, its string,
+    or a name from ``torch.distributed.checkpoint``), or None."""
+    entry = entries.get(key)
+    return entries.get(str(key)) if entry is None else entry
+
+
+def saved_step(entry: dict[str, Any], where: str) -> int:
+    """A saved entry's step count: a non-negative whole number (tensor or int)."""
+    value = entry.get("step")
+    number = float(value) if isinstance(value, (int, float, torch.Tensor)) and (
+        not isinstance(value, torch.Tensor) or value.numel() == 1) else math.nan
+    if not (math.isfinite(number) and number >= 0 and number == int(number)):
+        raise ValueError(f"{where}: step must be a whole number >= 0, got {value!r}")
+    return int(number)
+
+
+def block_state(stack: BlockStack, row: int) -> dict[str, Any]:
     """Copies of block ``row`` of ``stack``."""
     state, record = stack.state, stack.record
 
@@ -67,26 +160,46 @@ def block_state(stack: BlockStack, row: int, sharded: bool = False) -> dict[str,
             "root_computed_at": record.computed_at[row].clone(),
             "root_residual": record.residual[row].clone(),
             "root_failures": record.failures[row].clone(),
-            "pending_roots": encode_pending(pending) if sharded else pending,
+            "pending_roots": encode_pending(pending),
             **{name: t[row].clone() for name, t in stack.extra_state().items()}}
 
 
-def load_block_state(stack: BlockStack, row: int, saved: dict[str, Any], where: str) -> None:
+def _saved_block_shape(saved: dict[str, Any]) -> tuple[int, ...] | str:
+    """The shape of a saved block, from its elementwise state (else its factors)."""
+    for name in ("momentum", "graft", "second_moment"):
+        if isinstance(saved.get(name), torch.Tensor):
+            return tuple(saved[name].shape)
+    factors = saved.get("factors")
+    if isinstance(factors, (list, tuple)) and all(isinstance(f, torch.Tensor) for f in factors):
+        return f"factors of sizes {[f.shape[0] for f in factors]}"
+    return "unknown"
+
+
+def load_block_state(stack: BlockStack, row: int, saved: dict[str, Any], where: str,
+                     check_finite: bool = True) -> None:
     """Copies a :func:`block_state` entry into block ``row`` of ``stack`` (its pending
     roots excepted: see :func:`restore_blocks`); ``ValueError`` naming ``where`` and the
-    field for an entry that does not fit."""
+    field for an entry that does not fit or (with ``check_finite``) holds NaN/Inf."""
     def put(target: torch.Tensor, value: Any, name: str) -> None:
         if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(target.shape[1:]):
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"{where}: {name} has shape {shape}, expected "
-                             f"{tuple(target.shape[1:])}")
+                             f"{tuple(target.shape[1:])} (the saved block has shape "
+                             f"{_saved_block_shape(saved)}, this one {stack.block_shape})")
+        if check_finite and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{where}: {name} has NaN/Inf values")
         target[row].copy_(value)
 
     state: StackState = stack.state
+    # A block without factors may come back from torch.distributed.checkpoint without
+    # its empty "factors" and "roots" lists (DCP keeps leaves only).
+    saved = {"factors": [], "roots": [], **saved}
     for name in ("factors", "roots"):
         if len(saved[name]) != len(getattr(state, name)):
             raise ValueError(f"{where}: {len(saved[name])} {name}, expected "
-                             f"{len(getattr(state, name))} (preconditioned dimensions differ)")
+                             f"{len(getattr(state, name))} (the saved block has shape "
+                             f"{_saved_block_shape(saved)}, this one {stack.block_shape} with "
+                             f"{len(stack.dims)} preconditioned dimensions)")
     for i, (factor, root) in enumerate(zip(saved["factors"], saved["roots"])):
         put(state.factors[i], factor, f"factor {i}")
         put(state.roots[i], root, f"root {i}")
@@ -105,19 +218,19 @@ def load_block_state(stack: BlockStack, row: int, saved: dict[str, Any], where: 
 
 
 def restore_blocks(stacks: Sequence[BlockStack], locations: Sequence[Sequence[tuple[int, int]]],
-                   saved_params: Sequence[Any], entries: dict[Any, Any]) -> int | None:
-    """Loads one group's saved parameters (``saved_params``, their keys in ``entries``)
-    into the blocks this rank owns (``locations``: per parameter, per block, its
-    ``(stack, row)``, stack -1 for another rank's), then each stack's pending roots.
-    Returns the saved step, or None if no parameter of the group has state."""
-    step = None
+                   saved_params: Sequence[Any], entries: dict[Any, Any],
+                   live: Sequence[int]) -> dict[int, int]:
+    """Loads one group's saved parameters (``saved_params``, their keys in ``entries``;
+    ``live``: the group's parameters with an entry) into the blocks this rank owns
+    (``locations``: per parameter, per block, its ``(stack, row)``, stack -1 for another
+    rank's), then each stack's pending roots. Returns each live parameter's saved step."""
+    steps: dict[int, int] = {}
     # Per stack and row, the roots computed but not yet in use.
     pending: list[list[Any]] = [[None] * len(stack.members) for stack in stacks]
-    for pi, key in enumerate(saved_params):
-        entry = entries.get(key, entries.get(str(key)))
-        if entry is None:
-            continue
-        step = int(entry["step"])
+    for pi in live:
+        key = saved_params[pi]
+        entry = saved_entry(entries, key)
+        steps[pi] = saved_step(entry, f"parameter {key}")
         where = locations[pi]
         blocks = saved_blocks(entry["blocks"], len(where),
                               [bi for bi, (si, _) in enumerate(where) if si >= 0], key)
@@ -128,4 +241,4 @@ def restore_blocks(stacks: Sequence[BlockStack], locations: Sequence[Sequence[tu
     for si, stack in enumerate(stacks):
         stack.pending = pending_from_rows(pending[si], stack.result_type, stack.device,
                                           f"block stack {si} of shape {stack.block_shape}")
-    return step
+    return steps

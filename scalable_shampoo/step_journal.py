@@ -4,9 +4,11 @@ A synchronous root computation (``eigh`` not converging, running out of memory, 
 can raise in the middle of a step, after the statistics, roots, grafting state or
 parameters of earlier block stacks and param groups were updated. Such a step keeps, just
 before its first change to each, a copy of every block stack's state and root
-bookkeeping, of every parameter it updates and of the step counters, and puts them back
-if it raises. Once the last root computation of the step is done the journal stops
-keeping copies: what follows (directions and updates) cannot fail on valid input.
+bookkeeping, of every parameter it updates, of the step counters (the groups' and the
+parameters') and of the plans and state entries it creates for parameters at their first
+gradient, and puts them back if it raises. Once the last root computation of the step is
+done the journal stops keeping copies: what follows (directions and updates) cannot fail
+on valid input.
 
 Only steps that compute roots on the training thread keep a journal (by default one step
 in ``precondition_frequency``); it costs, for that step, a copy of the state of the
@@ -58,6 +60,7 @@ class StepJournal:
         self._warned, self._saved_warned = warned, set(warned)
         self._stacks: dict[int, tuple[BlockStack, StackState, Any, Any]] = {}
         self._values: list[tuple[Any, str, Any]] = []
+        self._items: list[tuple[Any, Any, bool, Any]] = []
         self._params: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def group_done(self, index: int) -> None:
@@ -75,6 +78,12 @@ class StepJournal:
         """Before the step changes ``owner.name`` (kept even once disarmed: it is free)."""
         self._values.append((owner, name, getattr(owner, name)))
 
+    def keep_item(self, container: Any, key: Any) -> None:
+        """Before the step sets ``container[key]`` (a list's item, or a dict's entry,
+        which may be new: then restoring removes it). Kept even once disarmed."""
+        present = key in container if isinstance(container, dict) else True
+        self._items.append((container, key, present, container[key] if present else None))
+
     def keep_params(self, params: list[torch.Tensor]) -> None:
         """Before the step updates ``params`` (while armed)."""
         if self.armed:
@@ -87,6 +96,11 @@ class StepJournal:
                 param.copy_(saved)
         for owner, name, value in reversed(self._values):
             setattr(owner, name, value)
+        for container, key, present, value in reversed(self._items):
+            if present:
+                container[key] = value
+            else:
+                container.pop(key, None)
         for stack, state, record, pending in self._stacks.values():
             stack.state, stack.record, stack.pending = state, record, pending
         self._counters.clear()

@@ -444,9 +444,9 @@ def failures(rank: int, world_size: int) -> dict[str, Any]:
                                          zip(before, params_of(model)))
     record["peer_failure_is_runtime_error"] = issubclass(PeerFailure, RuntimeError)
     # 4. An error on rank 1 where the update meets the parameters (the apply).
-    import scalable_shampoo.optimizer as optimizer
+    import scalable_shampoo.plans as plans  # where the apply plan takes its views
 
-    real_view = optimizer.region_view
+    real_view = plans.region_view
     storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def failing_view(source: torch.Tensor, region: Any) -> torch.Tensor:
@@ -455,12 +455,12 @@ def failures(rank: int, world_size: int) -> dict[str, Any]:
         return real_view(source, region)
 
     if rank == 1:
-        optimizer.region_view = failing_view
+        plans.region_view = failing_view
     backward(9)
     before = params_of(model)
     steps_before = opt.metrics()["step"]
     record["apply_error"] = _outcome(opt.step)
-    optimizer.region_view = real_view
+    plans.region_view = real_view
     record["apply_error_counted_nowhere"] = opt.metrics()["step"] == steps_before
     record["apply_error_untouched"] = all(torch.equal(a, b) for a, b in
                                           zip(before, params_of(model)))

@@ -414,6 +414,8 @@ def test_nan_gradient_is_treated_as_a_missing_one():
                 other = y[name]
                 if isinstance(value, list):
                     assert all(torch.equal(u, w) for u, w in zip(value, other)), name
+                elif isinstance(value, bytes):  # pending roots, one opaque leaf
+                    assert value == other, name
                 elif value is not None:
                     assert torch.equal(value, other), name
 
