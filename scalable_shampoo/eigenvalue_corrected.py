@@ -165,7 +165,9 @@ def pool_null_(second_moment: torch.Tensor, masks: list[torch.Tensor],
     picked (in exact arithmetic too, the eigenvectors of a repeated eigenvalue are
     arbitrary). In place; returns ``second_moment``."""
     for dim, mask in zip(dims, masks):
-        if not bool(mask.any()):
+        # The shortcut reads the mask on the host: free on the CPU; elsewhere it would be
+        # a device sync every step, so the (cheap, elementwise) pooling always runs.
+        if mask.device.type == "cpu" and not bool(mask.any()):
             continue
         moved = second_moment.movedim(dim + 1, -1)
         shape = (mask.shape[0],) + (1,) * (moved.dim() - 2) + (mask.shape[1],)
