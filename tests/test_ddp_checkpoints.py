@@ -50,6 +50,16 @@ def test_state_dict_on_rank_zero_alone_fails_at_save_time_with_the_fix(records):
     assert "rank0_alone" not in one
 
 
+def _continues_as_uninterrupted(model, opt, uninterrupted) -> None:
+    """Trains one process from SAVE_AT to STEPS and compares with the 2-rank run."""
+    for step in range(checkpoint_workers.SAVE_AT, checkpoint_workers.STEPS):
+        opt.zero_grad()
+        workers.loss_of(model, *workers.batch(step, dtype=torch.float64)).backward()
+        opt.step()
+    for p, q in zip(model.parameters(), uninterrupted):
+        torch.testing.assert_close(p.detach(), q, rtol=1e-8, atol=1e-10)
+
+
 def test_the_gathered_checkpoint_resumes_in_one_process(records):
     out, (zero, _) = records
     saved = torch.load(out / "rank0.pt", weights_only=True)
@@ -57,12 +67,7 @@ def test_the_gathered_checkpoint_resumes_in_one_process(records):
     model.load_state_dict(saved["model"])
     opt = Shampoo(model.parameters(), **checkpoint_workers.OPTIONS)
     opt.load_state_dict(saved["optimizer"])
-    for step in range(checkpoint_workers.SAVE_AT, checkpoint_workers.STEPS):
-        opt.zero_grad()
-        workers.loss_of(model, *workers.batch(step, dtype=torch.float64)).backward()
-        opt.step()
-    for p, q in zip(model.parameters(), zero["uninterrupted"]):
-        torch.testing.assert_close(p.detach(), q, rtol=1e-8, atol=1e-10)
+    _continues_as_uninterrupted(model, opt, zero["uninterrupted"])
 
 
 def test_rank_zero_saving_a_replica_resumes_bitwise(records):
@@ -91,12 +96,7 @@ def test_the_dcp_checkpoint_of_two_ranks_resumes_in_one_process(records):
         dcp.load(template, checkpoint_id=out / "dcp", no_dist=True)
     set_optimizer_state_dict(model, opt, template["optimizer"])
     assert opt.metrics()["step"] == checkpoint_workers.SAVE_AT
-    for step in range(checkpoint_workers.SAVE_AT, checkpoint_workers.STEPS):
-        opt.zero_grad()
-        workers.loss_of(model, *workers.batch(step, dtype=torch.float64)).backward()
-        opt.step()
-    for p, q in zip(model.parameters(), zero["uninterrupted"]):
-        torch.testing.assert_close(p.detach(), q, rtol=1e-8, atol=1e-10)
+    _continues_as_uninterrupted(model, opt, zero["uninterrupted"])
 
 
 def test_checkpoints_of_two_ranks_resume_at_three(records):
