@@ -19,6 +19,9 @@ GRAFTING_METHODS = ("none", "sgd", "adagrad", "rmsprop", "adam")
 ROOT_METHODS = ("eigh", "newton")
 PRECONDITIONERS = ("shampoo", "eigenvalue_corrected")
 EIGENBASIS_METHODS = ("eigh", "qr")
+FIRST_MOMENTS = ("gradient", "direction")
+# Where the first moment sits when ``first_moment`` is left as None.
+DEFAULT_FIRST_MOMENT = {"shampoo": "direction", "eigenvalue_corrected": "gradient"}
 # The grafting method each preconditioner uses when ``grafting`` is left as None.
 DEFAULT_GRAFTING = {"shampoo": "adam", "eigenvalue_corrected": "none"}
 # Whether vectors get a factor when ``precondition_1d`` is left as None.
@@ -142,6 +145,17 @@ class ShampooConfig:
         exponent_multiplier: > 0; a block with k preconditioned dimensions uses the
             exponent ``exponent_multiplier / (2 k)``. Default 1.
         nesterov: Nesterov momentum. Default False.
+        first_moment: where ``betas[0]``'s EMA sits (classic Shampoo). "gradient": the
+            EMA of the gradient, ``m <- b1 m + (1 - b1) g``, is preconditioned and
+            grafted (to ``m_hat / (sqrt(v_hat) + eps)``, Adam's actual step, with "adam"
+            grafting); before preconditioning starts the step is the grafting method's
+            with momentum (Adam itself with "adam"). Adam's, SOAP's and Meta's
+            DistributedShampoo's placement. "direction": the EMA of the per-step
+            preconditioned, grafted directions, ``m <- b1 m + (1 - b1) P``, the paper's
+            and optax's placement. Nesterov uses ``b1 m_hat + (1 - b1) x`` with ``x``
+            the gradient or the direction. None (the default) means "direction" for
+            "shampoo"; "eigenvalue_corrected" always keeps the gradient's EMA
+            ("gradient", the only value it accepts).
         bias_correction: divide the momentum by ``1 - beta1^t`` (eigenvalue_corrected:
             also the second moment by ``1 - beta2^t``, as Adam). Default True.
         decoupled_weight_decay: see ``weight_decay``. Default True.
@@ -217,6 +231,7 @@ class ShampooConfig:
     adam_epsilon: float = 1e-8
     precondition_1d: bool | None = None
     relative_epsilon: bool = True
+    first_moment: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr", _scalar("lr", self.lr))
@@ -243,6 +258,14 @@ class ShampooConfig:
             object.__setattr__(self, "precondition_1d",
                                DEFAULT_PRECONDITION_1D[self.preconditioner])
         _check_bool("precondition_1d", self.precondition_1d)
+        if self.first_moment is None:
+            object.__setattr__(self, "first_moment",
+                               DEFAULT_FIRST_MOMENT[self.preconditioner])
+        _check_choice("first_moment", self.first_moment, FIRST_MOMENTS)
+        if self.preconditioner == "eigenvalue_corrected" and self.first_moment != "gradient":
+            raise ValueError(f"first_moment must be 'gradient' (or None) with "
+                             f"preconditioner='eigenvalue_corrected', which keeps Adam's "
+                             f"first moment of the gradient; got {self.first_moment!r}")
         _check_real("grafting_beta2", self.grafting_beta2, 0.0, 1.0, low_open=True,
                     high_open=True)
         _check_real("grafting_epsilon", self.grafting_epsilon, 0.0, math.inf, low_open=True)

@@ -1,8 +1,11 @@
 """Layer-wise grafting: the Shampoo direction takes, per block, the norm of
 a first-order method's direction. Functions work on stacked blocks ``(N, *shape)``.
 
-The grafting methods keep no first moment: momentum is applied once, to the grafted
-direction, by the optimizer.
+The grafting methods keep no first moment. Where the optimizer keeps the EMA of the
+gradient (``first_moment="gradient"``) the grafting direction is that of the first
+moment, ``m_hat / (sqrt(v) + eps)`` (Adam's actual step for "adam"); where it keeps the
+EMA of the directions (``first_moment="direction"``) momentum is applied once, to the
+grafted direction.
 """
 
 from __future__ import annotations
@@ -17,6 +20,38 @@ def needs_state(method: str) -> bool:
     return method in ("adagrad", "rmsprop", "adam")
 
 
+def update_graft_state_(method: str, grad: torch.Tensor, state: torch.Tensor | None,
+                        beta2: float) -> None:
+    """Accumulates ``grad`` into the second-moment ``state`` of ``method`` (nothing for
+    "none" and "sgd"): ``v += g^2`` (adagrad), ``v = b2 v + (1 - b2) g^2`` (rmsprop, adam)."""
+    if method in ("none", "sgd"):
+        return
+    assert state is not None, f"grafting {method!r} needs its accumulator"
+    if method == "adagrad":
+        state.addcmul_(grad, grad)
+    elif method in ("rmsprop", "adam"):
+        state.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    else:
+        raise ValueError(f"unknown grafting method {method!r}")
+
+
+def scaled_by_graft_state(method: str, numerator: torch.Tensor, state: torch.Tensor | None,
+                          step: int, beta2: float, epsilon: float) -> torch.Tensor:
+    """``numerator / (sqrt(v) + eps)`` with ``v`` the accumulated ``state`` (divided by
+    Adam's ``1 - b2^step`` first for "adam"); ``numerator`` itself for "none" and "sgd".
+    A new tensor unless returned as it is."""
+    if method in ("none", "sgd"):
+        return numerator
+    assert state is not None, f"grafting {method!r} needs its accumulator"
+    # One new buffer, then in place: fresh large CPU tensors cost page faults. The
+    # operation order is torch.optim's, so the methods agree with it to the last bit.
+    denom = state.sqrt()
+    if method == "adam":
+        denom.div_(math.sqrt(1 - beta2**step))
+    denom.add_(epsilon)
+    return torch.div(numerator, denom, out=denom)
+
+
 def graft_direction_(method: str, grad: torch.Tensor, state: torch.Tensor | None, step: int,
                      beta2: float, epsilon: float) -> torch.Tensor:
     """The grafting direction ``A`` of ``grad``; updates ``state`` in place.
@@ -26,22 +61,8 @@ def graft_direction_(method: str, grad: torch.Tensor, state: torch.Tensor | None
     - "rmsprop": ``v = b2 v + (1 - b2) g^2``, ``A = g / (sqrt(v) + eps)`` (``RMSprop``).
     - "adam": as rmsprop with ``sqrt(v) / sqrt(1 - b2^step)`` (``Adam``, beta1 = 0).
     """
-    if method in ("none", "sgd"):
-        return grad
-    assert state is not None, f"grafting {method!r} needs its accumulator"
-    if method == "adagrad":
-        state.addcmul_(grad, grad)
-    elif method in ("rmsprop", "adam"):
-        state.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    else:
-        raise ValueError(f"unknown grafting method {method!r}")
-    # One new buffer, then in place: fresh large CPU tensors cost page faults. The
-    # operation order is torch.optim's, so the methods agree with it to the last bit.
-    denom = state.sqrt()
-    if method == "adam":
-        denom.div_(math.sqrt(1 - beta2**step))
-    denom.add_(epsilon)
-    return torch.div(grad, denom, out=denom)
+    update_graft_state_(method, grad, state, beta2)
+    return scaled_by_graft_state(method, grad, state, step, beta2, epsilon)
 
 
 def block_norms(blocks: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,8 @@ from .distributed import DataParallel, Description
 from .distributed_state import StateGather
 from .eigenvalue_corrected import (EigenvalueCorrectedStack, basis_metrics,
                                    eigenvalue_corrected_direction_)
-from .grafting import graft, graft_direction_
+from .grafting import (graft, graft_direction_, scaled_by_graft_state,
+                       update_graft_state_)
 from .gradient_screen import Skips, unusable_params
 from .matrix_functions import newton_fraction
 from .optimizer_state import StateDictMethods
@@ -54,6 +55,37 @@ def momentum_direction_(momentum: torch.Tensor | None, direction: torch.Tensor,
     if config.nesterov:
         return direction.mul_(1 - beta1).add_(momentum, alpha=beta1 / correction), 1.0
     return momentum, 1.0 / correction
+
+
+def preconditioned_moment_(stack: BlockStack, state: StackState, blocks: torch.Tensor,
+                           config: ShampooConfig, step: int,
+                           preconditioned: bool) -> tuple[torch.Tensor, float]:
+    """``first_moment="gradient"``: ``m <- beta1 m + (1 - beta1) g``, then the grafting
+    direction of the first moment ``x`` (``m_hat``, or with Nesterov ``beta1 m_hat +
+    (1 - beta1) g``), ``A = x / (sqrt(v_hat) + eps)`` for "adam" with ``v`` accumulated
+    from ``g``; with ``preconditioned``, ``P(x)`` grafted to ``A``. Returns ``(v, scale)``
+    as :func:`momentum_direction_`: without Nesterov ``x = m`` and the bias correction
+    ``1 / (1 - beta1^t)`` is the returned scale (grafting and preconditioning are linear
+    in ``x``). ``blocks`` (the gradient) may be overwritten."""
+    update_graft_state_(config.grafting, blocks, state.graft, config.grafting_beta2)
+    beta1 = config.betas[0]
+    if beta1 == 0.0 or state.momentum is None:
+        numerator, scale = blocks, 1.0
+    else:
+        state.momentum.mul_(beta1).add_(blocks, alpha=1 - beta1)
+        correction = 1 - beta1**step if config.bias_correction else 1.0
+        if config.nesterov:
+            numerator = blocks.mul_(1 - beta1).add_(state.momentum, alpha=beta1 / correction)
+            scale = 1.0
+        else:
+            numerator, scale = state.momentum, 1.0 / correction
+    direction = scaled_by_graft_state(config.grafting, numerator, state.graft, step,
+                                      config.grafting_beta2, config.grafting_epsilon)
+    if preconditioned:
+        result = stack.precondition(state, numerator)
+        direction = (result if config.grafting == "none"
+                     else graft(result, direction, inplace=True))
+    return direction, scale
 
 
 def update_scale(config: ShampooConfig, step: int) -> float:
@@ -136,7 +168,8 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
     ``factor_dtype``, ``exponent_multiplier``, ``nesterov``, ``bias_correction``,
     ``decoupled_weight_decay``, ``newton_max_iterations``, ``newton_tolerance``,
     ``root_failure_threshold``, ``eigenbasis_method``, ``basis_refresh_tolerance``,
-    ``factor_beta``, ``precondition_1d``, ``relative_epsilon``) with its range and default. Bad values raise a
+    ``factor_beta``, ``precondition_1d``, ``relative_epsilon``, ``first_moment``) with its
+    range and default. Bad values raise a
     ``ValueError`` or ``TypeError`` naming the argument, at construction or at the next
     ``step()`` (before anything changes).
 
@@ -227,7 +260,8 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
                  preconditioner: str = "shampoo", eigenbasis_method: str = "eigh",
                  basis_refresh_tolerance: float = 0.0, factor_beta: float | None = None,
                  adam_epsilon: float = 1e-8, root_delay: int | None = None,
-                 precondition_1d: bool | None = None, relative_epsilon: bool = True, *,
+                 precondition_1d: bool | None = None, relative_epsilon: bool = True,
+                 first_moment: str | None = None, *,
                  foreach: bool = True, async_roots: bool = False,
                  root_workers: int | None = None, distributed: bool = True,
                  process_group: Any = None) -> None:
@@ -246,12 +280,13 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
             root_delay=root_delay,
             eigenbasis_method=eigenbasis_method, basis_refresh_tolerance=basis_refresh_tolerance,
             factor_beta=factor_beta, adam_epsilon=adam_epsilon, precondition_1d=precondition_1d,
-            relative_epsilon=relative_epsilon,
+            relative_epsilon=relative_epsilon, first_moment=first_moment,
         ).as_dict()
         defaults["lr"] = lr  # a tensor stays one, for schedulers (as in torch.optim)
         # None stays: each group resolves these by its own preconditioner.
         defaults["grafting"] = grafting
         defaults["precondition_1d"] = precondition_1d
+        defaults["first_moment"] = first_moment
         if not isinstance(foreach, bool):
             raise ValueError(f"foreach must be True or False, got {foreach!r}")
         if _built_by_zero():
@@ -603,6 +638,9 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
         written back. Returns ``v``, whose scale is ``update_scale(config, step)``."""
         if isinstance(stack, EigenvalueCorrectedStack):
             update, scale = eigenvalue_corrected_direction_(stack, state, blocks, config, step)
+        elif config.first_moment == "gradient":
+            started = bool(stack.dims) and step >= config.preconditioning_start + delay
+            update, scale = preconditioned_moment_(stack, state, blocks, config, step, started)
         else:
             direction = graft_direction_(config.grafting, blocks, state.graft, step,
                                          config.grafting_beta2, config.grafting_epsilon)
@@ -716,7 +754,7 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         """As ``torch.optim``'s, with the values in effect for the hyperparameters left to
-        their defaults (None): ``grafting``, ``precondition_1d``,
+        their defaults (None): ``grafting``, ``precondition_1d``, ``first_moment``,
         ``start_preconditioning_step``, ``root_delay``, ``factor_beta``."""
         lines = [f"{type(self).__name__} ("]
         for index, group in enumerate(self.param_groups):
@@ -736,6 +774,6 @@ def _effective_values(group: dict[str, Any], asynchronous: bool) -> dict[str, An
     except (ValueError, TypeError):
         return values
     values.update(grafting=config.grafting, precondition_1d=config.precondition_1d,
-                  start_preconditioning_step=config.preconditioning_start,
+                  first_moment=config.first_moment, start_preconditioning_step=config.preconditioning_start,
                   root_delay=delay, factor_beta=config.factor_ema)
     return values

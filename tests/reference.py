@@ -86,7 +86,8 @@ class ReferenceShampoo:
                  start_preconditioning_step=None, statistics_frequency=1, grafting="adam",
                  grafting_beta2=0.999, grafting_epsilon=1e-8, exponent_multiplier=1.0,
                  nesterov=False, bias_correction=True, decoupled_weight_decay=True,
-                 root_delay=None, precondition_1d=True, relative_epsilon=True, **_):
+                 root_delay=None, precondition_1d=True, relative_epsilon=True,
+                 first_moment=None, **_):
         self.params = params
         self.h = dict(lr=lr, beta1=betas[0], beta2=betas[1], eps=epsilon, wd=weight_decay,
                       pf=precondition_frequency,
@@ -94,7 +95,8 @@ class ReferenceShampoo:
                       sf=statistics_frequency, grafting=grafting, gb2=grafting_beta2,
                       geps=grafting_epsilon, mult=exponent_multiplier, nesterov=nesterov,
                       bc=bias_correction, decoupled=decoupled_weight_decay,
-                      delay=root_delay or 0, rel=relative_epsilon)
+                      delay=root_delay or 0, rel=relative_epsilon,
+                      moment_of_gradient=first_moment == "gradient")
         self.state = []
         for p, merged in zip(params, merged_shapes):
             assert math.prod(merged) == p.numel()
@@ -128,10 +130,22 @@ class ReferenceShampoo:
             if grad is None:
                 continue
             g, w = self._gradient(p, grad, st)
-            a_full = self._grafting_direction(g, st, t)
+            b1 = h["beta1"]
+            if h["moment_of_gradient"]:
+                # SPEC 2.5's alternative: precondition and graft the gradient's EMA x.
+                x = g
+                if b1 > 0:
+                    st.momentum.mul_(b1).add_((1 - b1) * g)
+                    m_hat = st.momentum / (1 - b1 ** t) if h["bc"] else st.momentum
+                    x = b1 * m_hat + (1 - b1) * g if h["nesterov"] else m_hat
+                a_full = self._grafting_direction(g, st, t, numerator=x)
+            else:
+                x = g
+                a_full = self._grafting_direction(g, st, t)
             direction = torch.zeros_like(g)
             for block in st.blocks:
                 gb = g[block.slices]
+                xb = x[block.slices]
                 ab = a_full[block.slices]
                 if (t - 1) % h["sf"] == 0:
                     for d in block.dims:
@@ -158,20 +172,19 @@ class ReferenceShampoo:
                     mats = [block.roots[d] if d in block.dims
                             else torch.eye(block.shape[d], dtype=torch.float64)
                             for d in range(len(block.shape))]
-                    pb = (kron_all(mats) @ gb.reshape(-1)).reshape(block.shape)
+                    pb = (kron_all(mats) @ xb.reshape(-1)).reshape(block.shape)
                     if h["grafting"] != "none":
                         norm = pb.norm()
                         pb = pb * (ab.norm() / norm) if norm > 0 else torch.zeros_like(pb)
                 else:
                     pb = ab
                 direction[block.slices] = pb
-            b1 = h["beta1"]
-            if b1 > 0:
+            if h["moment_of_gradient"] or b1 == 0:
+                u = direction
+            else:
                 st.momentum.mul_(b1).add_((1 - b1) * direction)
                 m_hat = st.momentum / (1 - b1 ** t) if h["bc"] else st.momentum
                 u = b1 * m_hat + (1 - b1) * direction if h["nesterov"] else m_hat
-            else:
-                u = direction
             if h["wd"] and h["decoupled"]:
                 w.sub_(h["lr"] * h["wd"] * w)
             w.sub_(h["lr"] * u)
@@ -186,17 +199,20 @@ class ReferenceShampoo:
             g = g + self.h["wd"] * w
         return g, w
 
-    def _grafting_direction(self, g: torch.Tensor, st: ParamRef, t: int) -> torch.Tensor:
-        """The grafting direction over the whole parameter (elementwise methods)."""
+    def _grafting_direction(self, g: torch.Tensor, st: ParamRef, t: int,
+                            numerator: torch.Tensor | None = None) -> torch.Tensor:
+        """The grafting direction over the whole parameter (elementwise methods): the
+        accumulator takes ``g``, the direction is that of ``numerator`` (default ``g``)."""
         h = self.h
+        x = g if numerator is None else numerator
         if h["grafting"] in ("none", "sgd"):
-            return g
+            return x
         if h["grafting"] == "adagrad":
             st.graft += g * g
-            return g / (st.graft.sqrt() + h["geps"])
+            return x / (st.graft.sqrt() + h["geps"])
         st.graft.mul_(h["gb2"]).add_((1 - h["gb2"]) * g * g)
         c2 = 1 - h["gb2"] ** t if h["grafting"] == "adam" else 1.0
-        return g / (st.graft.sqrt() / math.sqrt(c2) + h["geps"])
+        return x / (st.graft.sqrt() / math.sqrt(c2) + h["geps"])
 
 
 def reference_eigenbasis(factor: torch.Tensor) -> torch.Tensor:

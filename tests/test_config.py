@@ -236,6 +236,13 @@ ERROR_INPUTS = [
     _row(dict(precondition_1d=1), ValueError, r"precondition_1d " + BOOL, "precondition_1d-int"),
     _row(dict(precondition_1d="no"), ValueError, r"precondition_1d " + BOOL,
          "precondition_1d-str"),
+    # first_moment: None, "gradient" or "direction" (eigenvalue_corrected: "gradient")
+    _row(dict(first_moment="momentum"), ValueError,
+         r"first_moment must be one of \('gradient', 'direction'\), got 'momentum'",
+         "first_moment-unknown"),
+    _row(dict(first_moment="direction", preconditioner="eigenvalue_corrected"), ValueError,
+         r"first_moment must be 'gradient' \(or None\) with "
+         r"preconditioner='eigenvalue_corrected'", "first_moment-direction-with-ec"),
     # relative_epsilon: a bool
     _row(dict(relative_epsilon=1), ValueError, r"relative_epsilon " + BOOL,
          "relative_epsilon-int"),
@@ -455,6 +462,9 @@ VALID_EDGES = [
     dict(adam_epsilon=1),
     dict(precondition_1d=False),
     dict(precondition_1d=True, preconditioner="eigenvalue_corrected"),
+    dict(first_moment="gradient"),
+    dict(first_moment="direction"),
+    dict(first_moment="gradient", preconditioner="eigenvalue_corrected"),
 ]
 
 

@@ -50,6 +50,14 @@ CONFIGS = {
                        root_delay=3),
     "root_delay_full_period": dict(lr=0.05, betas=(0.9, 1.0), precondition_frequency=3,
                                    root_delay=3),
+    "gradient_moment": dict(lr=0.05, first_moment="gradient", precondition_frequency=2,
+                            start_preconditioning_step=3),
+    "gradient_moment_nesterov_sgd_graft": dict(lr=0.05, first_moment="gradient",
+                                               nesterov=True, grafting="sgd",
+                                               betas=(0.8, 0.99), precondition_frequency=3),
+    "gradient_moment_no_graft_no_bias_correction": dict(
+        lr=0.01, first_moment="gradient", grafting="none", bias_correction=False,
+        betas=(0.5, 0.9), epsilon=1e-3, precondition_frequency=2, root_delay=1),
 }
 
 STEPS = 22
