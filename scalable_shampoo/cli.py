@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -53,6 +53,8 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 
 def _add_compare(commands: argparse._SubParsersAction) -> None:
+    from .bench.peers import PEERS  # imports no peer library
+
     compare = commands.add_parser(
         "compare", help="train workloads with several optimizers and compare them",
         description="Train each workload with each optimizer (learning rate swept per "
@@ -65,13 +67,19 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
     compare.add_argument("--workload", action="append", default=[], metavar="MODULE:FUNCTION",
                          help="add a workload of your own: FUNCTION(seed) returns a "
                          "scalable_shampoo.bench.workloads.Workload (repeatable)")
+    peers = "; ".join(f"{kind} ({peer.summary})" for kind, peer in PEERS.items())
     compare.add_argument("--optimizers", nargs="+", default=list(DEFAULT_OPTIMIZERS),
                          metavar="OPTIMIZER", help="optimizers as kind[:key=value,...], kinds "
                          "shampoo, soap (Shampoo's eigenvalue-corrected variant with SOAP's "
                          "settings), adamw, adagrad, sgd; e.g. "
                          "shampoo:grafting=sgd,block_size=256; "
                          "lr=X fixes that optimizer's learning rate (default: "
-                         f"{' '.join(DEFAULT_OPTIMIZERS)})")
+                         f"{' '.join(DEFAULT_OPTIMIZERS)}). Peers from other libraries, "
+                         "at their defaults with the comparison's learning-rate sweep, "
+                         f"betas, weight decay and refresh interval: {peers}. They need "
+                         "the peers extra (pip install -e \".[peers]\" "
+                         f"torch=={torch.__version__.split('+')[0]}); a peer that is not "
+                         "installed is skipped with a message")
     compare.add_argument("--baseline", default=None, metavar="OPTIMIZER",
                          help="optimizer whose best held-out loss is the target "
                          "(default: adamw if given, else the first)")
@@ -122,20 +130,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _compare_settings(args: argparse.Namespace) -> "CompareSettings":
-    from .bench.optimizers import parse_spec, validate
+def _compare_settings(args: argparse.Namespace,
+                      warn: Callable[[str], None]) -> "CompareSettings":
+    """The settings from the arguments; ``warn`` gets one line per skipped optimizer."""
+    from .bench.optimizers import parse_spec, split_available, validate
     from .bench.compare import CompareSettings
 
     workloads = (args.workloads.split(",") if args.workloads is not None
                  else [] if args.workload else list(QUICK_WORKLOADS if args.quick else
                                                      ("lm", "ctr", "image", "autoencoder")))
     workloads = [w.strip() for w in workloads if w.strip()] + args.workload
-    optimizers = [parse_spec(text) for text in args.optimizers]
+    requested = [parse_spec(text) for text in args.optimizers]
+    optimizers, skipped = split_available(requested)
+    for message in skipped:
+        warn(message)
+    if not optimizers:
+        raise ValueError("no optimizer left to compare: " + "; ".join(skipped))
     for spec in optimizers:
         validate(spec)
     baseline = None
     if args.baseline is not None:
         baseline = parse_spec(args.baseline).label
+        if baseline in {s.label for s in requested} - {s.label for s in optimizers}:
+            raise ValueError(f"the baseline {baseline!r} is skipped: its package is missing")
     if args.tensorboard is not None:
         try:
             import torch.utils.tensorboard  # noqa: F401  (needs the tensorboard package)
@@ -171,7 +188,7 @@ def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace,
         _warn(parser, f"tqdm is not installed: no progress bars ({BENCH_EXTRA_HINT})")
         args.no_progress = True
     try:
-        settings = _compare_settings(args)
+        settings = _compare_settings(args, lambda message: _warn(parser, message))
         prepared = prepare(settings)
     except ValueError as error:  # bad input: argparse's message and exit status 2
         parser.error(str(error))

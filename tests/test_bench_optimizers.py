@@ -130,3 +130,17 @@ def test_state_bytes_counts_state_tensors():
     shampoo = Shampoo(params, lr=1e-3)
     shampoo.step()
     assert state_bytes(shampoo) == shampoo.metrics()["state_bytes"] > 0
+
+
+def test_state_bytes_finds_nested_state_once_and_not_the_parameters():
+    """Peers keep state in nested dicts, lists and objects; views share a storage."""
+    weight = torch.nn.Parameter(torch.randn(6, 4))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    buffer = torch.randn(5, 3, dtype=torch.float64)
+    holder = type("Holder", (), {})()
+    holder.factors, holder.param, holder.scale = [torch.randn(4, 4), buffer[1:]], weight, 2.0
+    optimizer.state[weight] = {0: {"exp_avg": torch.randn(6, 4), "step": torch.tensor(3.0),
+                                   "pair": (buffer, {"empty": torch.empty(0)})},
+                               "object": holder, "set": {"tag"}}
+    expected = 6 * 4 * 4 + 4 + 5 * 3 * 8 + 4 * 4 * 4  # the view of buffer counts once
+    assert state_bytes(optimizer) == expected

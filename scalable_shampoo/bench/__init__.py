@@ -2,6 +2,7 @@
 
 - :mod:`.workloads`: the :class:`~.workloads.Workload` structure and the built-in workloads,
 - :mod:`.optimizers`: ``kind:key=value`` optimizer specifications and learning-rate grids,
+- :mod:`.peers`: other libraries' optimizers (the ``peers`` extra), imported when named,
 - :mod:`.runner`: training runs, learning-rate sweeps, targets, resume,
 - :mod:`.report`: the table, ``results.json``/``results.md`` and the plots.
 

@@ -1,8 +1,10 @@
 """Optimizer specifications of the comparison: ``kind[:key=value,...]``.
 
-``kind`` is one of :data:`KINDS`. Every ``key=value`` is passed to the optimizer's
-constructor as a keyword argument, so any argument of :class:`scalable_shampoo.Shampoo`
-(or of the torch optimizer) can be set without changes here, e.g.
+``kind`` is one of :data:`KINDS` or, from other libraries, of :data:`.peers.PEERS`
+(imported only when named; see :mod:`.peers`). Every ``key=value`` is passed to the
+optimizer's constructor as a keyword argument, so any argument of
+:class:`scalable_shampoo.Shampoo` (or of the torch or peer optimizer) can be set without
+changes here, e.g.
 ``shampoo:grafting=sgd,block_size=256`` or ``adamw:betas=(0.9,0.95),weight_decay=0``.
 The one exception is ``lr=...``, which fixes that optimizer's learning rate instead of
 sweeping it. Values are read as Python literals (int, float, tuple, quoted string),
@@ -19,11 +21,12 @@ import inspect
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
 from ..optimizer import Shampoo
+from .peers import PEERS, load, unavailable
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -50,11 +53,14 @@ COMPARISON_DEFAULTS: dict[str, dict[str, Any]] = {
     "adamw": {},
     "adagrad": {},
     "sgd": {"momentum": 0.9},
+    **{kind: peer.settings for kind, peer in PEERS.items()},
 }
 # Centre of the learning-rate grid per kind when the workload names none: Shampoo grafts
 # Adam's step size by default, so it shares AdamW's centre; SOAP's authors use 3e-3.
 LR_CENTERS: dict[str, float] = {"shampoo": 1e-3, "soap": 3e-3, "adamw": 1e-3, "adagrad": 1e-2,
                                 "sgd": 3e-2}
+# Every name the comparison accepts: this library's and torch's, then the peers.
+ALL_KINDS: tuple[str, ...] = (*KINDS, *PEERS)
 _DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
 
 
@@ -69,7 +75,7 @@ class OptimizerSpec:
     Attributes:
         label: the specification as written (whitespace removed); names the optimizer in
             tables, plots and files.
-        kind: a key of :data:`KINDS`.
+        kind: a key of :data:`KINDS` or of :data:`.peers.PEERS`.
         overrides: the ``key=value`` pairs other than ``lr``, as parsed, in order.
         fixed_lr: the learning rate given by ``lr=...``, or None to sweep it.
     """
@@ -95,7 +101,8 @@ class OptimizerSpec:
         return f"{safe}-{hashlib.sha256(self.label.encode()).hexdigest()[:8]}"
 
     def build(self, params: Iterable[torch.Tensor], lr: float) -> torch.optim.Optimizer:
-        return KINDS[self.kind](params, lr=lr, **self.kwargs)
+        """Raises :class:`.peers.PeerUnavailable` for a peer whose package is missing."""
+        return factory(self.kind)(params, lr=lr, **self.kwargs)
 
     def describe(self) -> dict[str, str]:
         """The constructor's keyword arguments as strings, for reports and run keys."""
@@ -159,9 +166,9 @@ def parse_spec(text: str) -> OptimizerSpec:
     """
     label = re.sub(r"\s+", "", text)
     kind, colon, options = label.partition(":")
-    if kind not in KINDS:
+    if kind not in ALL_KINDS:
         raise OptimizerSpecError(f"unknown optimizer {kind!r} in {text!r}; known: "
-                                 f"{', '.join(KINDS)}")
+                                 f"{', '.join(ALL_KINDS)}")
     if colon and not options:
         raise OptimizerSpecError(f"optimizer {text!r}: nothing after ':' (expected "
                                  "key=value pairs separated by commas)")
@@ -197,25 +204,57 @@ def validate(spec: OptimizerSpec) -> None:
     """Constructs the optimizer once on a dummy matrix and vector parameter.
 
     Raises:
-        OptimizerSpecError: the constructor rejected the arguments; the message names the
-            specification and, for an unknown keyword, the accepted ones.
+        OptimizerSpecError: an override that the constructor does not name (checked
+            first: some peers ignore unknown keywords), or the constructor rejected the
+            arguments; the message names the specification and, for an unknown keyword,
+            the accepted ones.
+        PeerUnavailable: a peer whose package is missing (an ``ImportError``).
     """
+    accepted = accepted_arguments(spec.kind)
+    unknown = [key for key, _ in spec.overrides if key not in accepted]
+    if unknown:
+        raise OptimizerSpecError(f"optimizer {spec.label!r}: unknown argument(s) "
+                                 f"{', '.join(unknown)}; {spec.kind} accepts "
+                                 f"{', '.join(sorted(accepted))}")
     params = [torch.nn.Parameter(torch.ones(4, 3)), torch.nn.Parameter(torch.ones(3))]
     try:
-        spec.build(params, spec.fixed_lr or LR_CENTERS[spec.kind])
+        spec.build(params, spec.fixed_lr or lr_center(spec.kind, {}))
     except (TypeError, ValueError) as error:
-        message = f"optimizer {spec.label!r}: {error}"
-        accepted = accepted_arguments(spec.kind)
-        unknown = [key for key, _ in spec.overrides if key not in accepted]
-        if unknown:
-            message = (f"optimizer {spec.label!r}: unknown argument(s) {', '.join(unknown)}; "
-                       f"{spec.kind} accepts {', '.join(sorted(accepted))}")
-        raise OptimizerSpecError(message) from None
+        raise OptimizerSpecError(f"optimizer {spec.label!r}: {error}") from None
+
+
+def split_available(specs: Iterable[OptimizerSpec]) -> tuple[list[OptimizerSpec], list[str]]:
+    """The specifications that can be built, in order, and one line per peer whose
+    package is missing (naming it and the install command)."""
+    kept, skipped = [], []
+    for spec in specs:
+        reason = unavailable(spec.kind) if spec.kind in PEERS else None
+        if reason is None:
+            kept.append(spec)
+        else:
+            skipped.append(f"skipping {spec.label!r}: {reason}")
+    return kept, skipped
+
+
+def factory(kind: str) -> OptimizerFactory:
+    """The constructor of ``kind``; a peer's is imported here.
+
+    Raises:
+        PeerUnavailable: a peer whose package is missing.
+    """
+    return KINDS[kind] if kind in KINDS else load(kind)
+
+
+def lr_center(kind: str, workload_centers: dict[str, float]) -> float:
+    """Centre of the learning-rate grid: the workload's for the kind, else
+    :data:`LR_CENTERS`; a peer uses those of the kind named by its ``lr_center``."""
+    key = PEERS[kind].lr_center if kind in PEERS else kind
+    return workload_centers.get(key, LR_CENTERS[key])
 
 
 def accepted_arguments(kind: str) -> set[str]:
-    """Keyword arguments of the kind's constructor other than params and lr."""
-    parameters = inspect.signature(KINDS[kind]).parameters
+    """Named keyword arguments of the kind's constructor other than params and lr."""
+    parameters = inspect.signature(factory(kind)).parameters
     return {name for name, p in parameters.items()
             if name not in ("self", "params", "lr")
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
@@ -241,8 +280,31 @@ def _ladder(index: int) -> float:
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the optimizer's state tensors: Shampoo's own count
-    (``metrics()["state_bytes"]``), else the sum over ``optimizer.state``."""
+    (``metrics()["state_bytes"]``), else the bytes of the storages of the tensors found
+    in ``optimizer.state`` (inside nested dicts, lists, tuples, sets and the attributes
+    of objects, as peers keep them), each storage counted once."""
     if isinstance(optimizer, Shampoo):
         return int(optimizer.metrics()["state_bytes"])
-    return sum(value.numel() * value.element_size() for state in optimizer.state.values()
-               for value in state.values() if isinstance(value, torch.Tensor))
+    # The parameters' own storages are not state, should an object in the state hold one.
+    params = {p.untyped_storage().data_ptr() for group in optimizer.param_groups
+              for p in group["params"]}
+    storages = {storage.data_ptr(): storage.nbytes()
+                for storage in (t.untyped_storage() for t in _tensors(optimizer.state, set()))}
+    return sum(size for pointer, size in storages.items() if pointer not in params)
+
+
+def _tensors(value: Any, seen: set[int]) -> Iterator[torch.Tensor]:
+    if id(value) in seen:
+        return
+    seen.add(id(value))
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item, seen)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            yield from _tensors(item, seen)
+    elif hasattr(value, "__dict__") and not isinstance(value, type):
+        for item in vars(value).values():
+            yield from _tensors(item, seen)
