@@ -24,7 +24,7 @@ ORDERS = {"forward": (0, 1, 2), "reversed": (2, 1, 0)}
 CONFIGS: dict[str, dict[str, Any]] = {
     "shampoo": dict(lr=3e-3),
     "shampoo_frequent_roots": dict(lr=3e-3, precondition_frequency=10),
-    "soap": dict(lr=3e-3, betas=(0.95, 0.95), weight_decay=0.01,
+    "soap": dict(lr=1e-3, betas=(0.95, 0.95), weight_decay=0.01,
                  preconditioner="eigenvalue_corrected", precondition_frequency=10),
 }
 

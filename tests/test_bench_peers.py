@@ -205,8 +205,8 @@ def test_compile_mode_is_restored_when_a_step_raises(fake_heavyball):
     ("pto-scalable-shampoo", {"sgd": 0.1, "adamw": 3e-3}, 0.1),
     ("pto-scalable-shampoo", {}, LR_CENTERS["sgd"]),
     ("heavyball-psgdkron", {"adamw": 3e-3}, 3e-3),
-    ("heavyball-soap", {"adamw": 3e-3}, LR_CENTERS["soap"]),
-    ("pto-soap", {"soap": 1e-2}, 1e-2),
+    ("heavyball-soap", {"adamw": 3e-3}, LR_CENTERS["rotated_adam"]),
+    ("pto-soap", {"rotated_adam": 1e-2, "soap": 1e-4}, 1e-2),
     ("shampoo", {"shampoo": 1e-2}, 1e-2),
 ])
 def test_lr_center_of_a_peer_is_that_of_its_counterpart(kind, centers, expected):

@@ -163,14 +163,17 @@ def _params(shapes, dtype, seed=0):
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
 @pytest.mark.parametrize("decoupled", [True, False], ids=["adamw", "adam_l2"])
 def test_identity_basis_is_adam_step_for_step(decoupled, dtype, tol, foreach):
-    """With no basis ever computed the update is Adam's (AdamW's with decoupled weight
-    decay); a block without any factor (``big``: both dimensions above
-    max_preconditioned_dim) is Adam even with preconditioning from step 1."""
+    """Without grafting and with no basis ever computed the update is Adam's (AdamW's with
+    decoupled weight decay); a block without any factor (``big``: both dimensions above
+    max_preconditioned_dim) is Adam even with preconditioning from step 1. (With the
+    default Adam grafting the direction is Adam's and its norm that of Adam's step
+    without momentum.)"""
     ours, theirs = _params(ADAM_SHAPES, dtype), _params(ADAM_SHAPES, dtype)
     big = torch.nn.Parameter(torch.randn(12, 11, dtype=dtype))
     big_ref = torch.nn.Parameter(big.detach().clone())
     options = dict(lr=0.01, betas=(0.8, 0.95), weight_decay=0.1, adam_epsilon=1e-6,
-                   decoupled_weight_decay=decoupled, block_size=4, max_preconditioned_dim=10)
+                   decoupled_weight_decay=decoupled, block_size=4, max_preconditioned_dim=10,
+                   grafting="none")
     opt = Shampoo([{"params": ours, "start_preconditioning_step": 10**6},
                    {"params": [big], "start_preconditioning_step": 1,
                     "precondition_frequency": 1}], **EC, **options, foreach=foreach)

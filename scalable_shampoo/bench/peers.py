@@ -46,9 +46,9 @@ class Peer:
         attribute: the class's name in ``module``.
         settings: the comparison's shared settings for it (constructor keyword arguments,
             lr excluded); everything else is the library's default.
-        lr_center: the kind of this library whose learning-rate centre the sweep uses
-            (``Workload.lr_centers`` and ``LR_CENTERS``), chosen by the scale of the
-            peer's update at its defaults.
+        lr_center: the kind (or ``LR_CENTERS`` key) of this library whose learning-rate
+            centre the sweep uses (``Workload.lr_centers`` and ``LR_CENTERS``), chosen by
+            the scale of the peer's update at its defaults.
         eager: run ``step`` with heavyball's compilation off (see the module doc).
         summary: one line for ``--help`` and the README.
     """
@@ -67,7 +67,8 @@ class Peer:
 _SOAP = {"betas": (0.95, 0.95), "precondition_frequency": 10, "weight_decay": 0.0}
 PEERS: dict[str, Peer] = {
     "pto-soap": Peer(
-        "pytorch-optimizer", "pytorch_optimizer", "SOAP", dict(_SOAP), lr_center="soap",
+        "pytorch-optimizer", "pytorch_optimizer", "SOAP", dict(_SOAP),
+        lr_center="rotated_adam",
         summary="pytorch-optimizer's SOAP"),
     "pto-scalable-shampoo": Peer(
         "pytorch-optimizer", "pytorch_optimizer", "ScalableShampoo",
@@ -76,7 +77,8 @@ PEERS: dict[str, Peer] = {
         lr_center="sgd",
         summary="pytorch-optimizer's port of Google's Shampoo, SGD grafting"),
     "heavyball-soap": Peer(
-        "heavyball", "heavyball", "SOAP", {**_SOAP, "shampoo_beta": 0.95}, lr_center="soap",
+        "heavyball", "heavyball", "SOAP", {**_SOAP, "shampoo_beta": 0.95},
+        lr_center="rotated_adam",
         eager=True, summary="heavyball's SOAP, eager"),
     "heavyball-psgdkron": Peer(
         "heavyball", "heavyball", "PSGDKron", {}, lr_center="adamw", eager=True,
