@@ -35,6 +35,7 @@ from .optimizer_state import StateDictMethods
 from .param_state import StateViews, new_step
 from .plans import ApplyPlan, Gathered, GroupPlan, build_plan, gather, stack_live, structure
 from .preconditioner import BlockStack, StackState
+from .sharded import check_placements, local_shards, sharded_steps
 from .state_dicts import block_state, load_block_state
 from .step_journal import StepJournal
 
@@ -276,6 +277,7 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
         # Whether the ranks were found to agree on the structure (DataParallel.check).
         self._ranks_agree = False
         self._described_configs: tuple[list[ShampooConfig], Description] | None = None
+        self._sharded: dict = {}  # this step's FSDP2 groups (sharded.ShardedStep)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ param groups
@@ -291,6 +293,7 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
                     raise TypeError(f"Shampoo optimizes real floating-point parameters, got "
                                     f"a parameter of dtype {param.dtype}")
             check_dense(group["params"], index)
+            check_placements(group, index, self._data_parallel)
             check_group_lr(config, group["params"], index)
         except (ValueError, TypeError):
             self.param_groups.pop()
@@ -332,7 +335,9 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         data_parallel = self._data_parallel
+        self._sharded = sharded_steps(self.param_groups)  # FSDP2 parameters' groups
         if data_parallel is not None:
+            data_parallel.openers = {gi: s.join_failed for gi, s in self._sharded.items()}
             data_parallel.begin_step([len(g["params"]) for g in self.param_groups],
                                      check=not self._ranks_agree)
         try:
@@ -419,17 +424,25 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
         plan = self._plans[index]
         exchange = plan.exchange
         apply = None
+        sharded = self._sharded.get(index)
+        shards = None if sharded is None else local_shards(params)
         if exchange is not None:
             # Whatever can fail in the apply (views, casts, buffers) is prepared before the
             # agreement, which a rank that fails here joins as failed: then no rank has
             # changed any state, and none can fail after the others applied the update.
             exchange.allocate()
             apply = ApplyPlan.prepare(params, plan.layouts,
-                                      [(pi, region) for pi, region, _ in exchange.received])
+                                      [(pi, region) for pi, region, _ in exchange.received],
+                                      shards)
         grads = [p.grad for p in params]
+        math_params = params  # what g + wd p reads: FSDP2 parameters made full
+        if sharded is not None:
+            grads, math_params = sharded.full(grads)
+            if exchange is not None:
+                self._data_parallel.opened()
         skips = Skips()
         if exchange is not None:  # decided on whole gradients, the same on every rank
-            grads, skips = self._data_parallel.agree(exchange, grads, params, config)
+            grads, skips = self._data_parallel.agree(exchange, grads, math_params, config)
         if all(g is None for g in grads) and not skips.all():
             return
         step = plan.step + 1
@@ -438,7 +451,7 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
             plan = self._add_live(index, config, newcomers, step, journal)
         if config.weight_decay and not config.decoupled_weight_decay:
             grads = [None if g is None else g.add(p, alpha=config.weight_decay)
-                     for g, p in zip(grads, params)]
+                     for g, p in zip(grads, math_params)]
         merged = [g.reshape(layout.merged_shape) if g is not None and g.numel() > 0 else None
                   for g, layout in zip(grads, plan.layouts)]
         gathered = [gather(stack, pieces, merged)
@@ -455,7 +468,7 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
         if apply is None:  # one process: the boxes present, before any state changes
             apply = ApplyPlan.prepare(params, plan.layouts,
                                       [(piece.param, piece.region) for batch in gathered
-                                       for piece, _ in batch.placements])
+                                       for piece, _ in batch.placements], shards)
         # Each updated parameter's own step count (the same on every rank) drives its bias
         # corrections, and so its update's scale.
         updated = [pi for pi, g in enumerate(grads) if g is not None and pi not in bad]

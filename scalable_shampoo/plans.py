@@ -16,6 +16,7 @@ from .config import STRUCTURAL_FIELDS, ShampooConfig
 from .distributed import DataParallel, Exchange
 from .eigenvalue_corrected import EigenvalueCorrectedStack
 from .preconditioner import BlockStack
+from .sharded import Shards
 
 STACK_TYPES = {"shampoo": BlockStack, "eigenvalue_corrected": EigenvalueCorrectedStack}
 
@@ -193,12 +194,29 @@ class ApplyPlan:
 
     @classmethod
     def prepare(cls, params: list[torch.Tensor], layouts: list[BlockLayout],
-                boxes: list[tuple[int, BlockRegion]]) -> "ApplyPlan":
-        """For the directions of ``boxes`` (``(parameter index, region)``, in order)."""
-        plan = cls(params, [pi for pi, _ in boxes], [], [])
+                boxes: list[tuple[int, BlockRegion]],
+                shards: Shards | None = None) -> "ApplyPlan":
+        """For the directions of ``boxes`` (``(parameter index, region)``, in order).
+        A parameter in ``shards`` (FSDP2, :mod:`.sharded`) is updated in this rank's rows
+        only: its boxes there are assembled in a full-size buffer of its dtype, whose
+        rows are added to the local shard."""
+        shards = shards or {}
+        targets = [shards[pi].local if pi in shards else p for pi, p in enumerate(params)]
+        plan = cls(targets, [pi for pi, _ in boxes], [], [])
         assembled: dict[int, torch.Tensor] = {}
         for box, (pi, region) in enumerate(boxes):
             param, shape = params[pi], layouts[pi].merged_shape
+            if pi in shards:
+                shard = shards[pi]
+                if not shard.overlaps(region, param.shape):
+                    continue
+                if pi not in assembled:
+                    lo, hi = shard.flat_range(param.shape)
+                    assembled[pi] = torch.empty(shape, dtype=param.dtype, device=shard.local.device)
+                    plan.adds.append((pi, shard.local,
+                                      assembled[pi].view(-1)[lo:hi].view(shard.local.shape)))
+                plan.copies.append((box, region_view(assembled[pi], region)))
+                continue
             if not param.is_contiguous():  # e.g. channels_last: assemble, then one add
                 if pi not in assembled:
                     assembled[pi] = torch.empty(shape, dtype=param.dtype, device=param.device)
