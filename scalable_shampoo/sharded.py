@@ -79,13 +79,13 @@ def check_placements(group: dict[str, Any], index: int, data_parallel: Any) -> N
         where = _name(group, index, pi, param)
         mesh, placements = param.device_mesh, tuple(param.placements)
         fix = ("Shampoo supports FSDP2's fully_shard parameters: Shard(0) over a 1-D mesh "
-               "(optimize other parameters with another optimizer, or use fully_shard "
-               "alone)")
+               "(not tensor parallelism, Shard(d) for d != 0, Replicate/Partial or HSDP's "
+               "2-D meshes: give such parameters another optimizer)")
         if mesh.ndim != 1 or len(placements) != 1:
             raise ValueError(f"{where} is a DTensor on a {mesh.ndim}-D device mesh with "
                              f"placements {placements}; {fix}")
         if not (isinstance(placements[0], Shard) and placements[0].dim == 0):
-            raise ValueError(f"{where} is a DTensor with placement {placements[0]}; {fix}")
+            raise ValueError(f"{where} is a DTensor with placement {placements[0]!r}; {fix}")
         group_ranks = dist.get_process_group_ranks(mesh.get_group())
         if meshes and group_ranks != meshes[0]:
             raise ValueError(f"{where} is on a device mesh of ranks {group_ranks}, other "
