@@ -35,7 +35,8 @@ from .optimizer_state import StateDictMethods
 from .param_state import StateViews, new_step
 from .plans import ApplyPlan, Gathered, GroupPlan, build_plan, gather, stack_live, structure
 from .preconditioner import BlockStack, StackState
-from .sharded import check_placements, local_shards, sharded_steps
+from .sharded import (adopt_swapped, check_placements, local_shards, sharded_steps,
+                      swapped)
 from .state_dicts import block_state, load_block_state
 from .step_journal import StepJournal
 
@@ -317,6 +318,10 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
                 layout.param_shape != tuple(p.shape) for layout, p in zip(plan.layouts, params)):
             raise ValueError(f"the parameters of param group {index} changed after the "
                              "optimizer state was created")
+        elif swapped(plan, params):  # tensors of the same shapes: accelerate's FSDP2 prepare
+            check_placements(self.param_groups[index], index, self._data_parallel)
+            adopt_swapped(plan, params, self.state)
+            self._views.refresh(self.state, params, plan.stacks, force=True)
         root_setting = (config.root_method, config.exponent_multiplier)
         if plan.checked_root_setting != root_setting:
             _check_newton_exponents(plan, config, index)

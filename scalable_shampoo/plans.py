@@ -6,7 +6,8 @@ region views. Bookkeeping only: the optimizer decides what runs on the stacks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -52,6 +53,9 @@ class GroupPlan:
         exchange: with data parallelism, the blocks' owners and the all-gather layout
             (of every parameter, with state or not); the stacks then hold this rank's
             blocks only, ``locations`` has ``(-1, -1)`` for the others'.
+        param_refs: weak references to the parameters the plan was built for, whose
+            ``optimizer.state`` entries it keys (a wrapper may swap the group's tensors
+            for others of the same shapes: :func:`.sharded.adopt_swapped`).
     """
 
     layouts: list[BlockLayout]
@@ -64,6 +68,11 @@ class GroupPlan:
     step: int = 0
     checked_root_setting: tuple | None = None
     exchange: Exchange | None = None
+    param_refs: list[weakref.ref] = field(default_factory=list)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # weak references do not pickle; a copy re-learns its tensors at its next step
+        return {**self.__dict__, "param_refs": []}
 
 
 def structure(config: ShampooConfig) -> tuple:
@@ -92,7 +101,8 @@ def build_plan(params: list[torch.Tensor], config: ShampooConfig, batched: bool,
         if exchange is not None and own:  # this rank's boxes; the exchange records the others'
             own = exchange.add_param(pi, own, _work_dtype(param.dtype), param.device)
         regions.append(own)
-    plan = GroupPlan(layouts, regions, live, [], [], [], structure(config), exchange=exchange)
+    plan = GroupPlan(layouts, regions, live, [], [], [], structure(config), exchange=exchange,
+                     param_refs=[weakref.ref(p) for p in params])
     stack_live(plan, params, config, batched)
     return plan
 

@@ -33,6 +33,7 @@ over the optimizer's own process group.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -249,3 +250,24 @@ def sharded_steps(param_groups: Sequence[dict[str, Any]]) -> dict[int, ShardedSt
     """A :class:`ShardedStep` per param group that has FSDP2 parameters."""
     steps = {gi: ShardedStep(group) for gi, group in enumerate(param_groups)}
     return {gi: step for gi, step in steps.items() if step.indices}
+
+
+def swapped(plan: Any, params: Sequence[torch.Tensor]) -> bool:
+    """Whether a group's tensors are not those ``plan`` was built for (accelerate's FSDP2
+    ``prepare`` replaces an optimizer's parameters by their ``fully_shard`` DTensors in
+    ``param_groups``, after the optimizer was built)."""
+    refs = plan.param_refs
+    return len(refs) != len(params) or any(r() is not p for r, p in zip(refs, params))
+
+
+def adopt_swapped(plan: Any, params: Sequence[torch.Tensor],
+                  state: dict[torch.Tensor, dict[str, Any]]) -> None:
+    """After :func:`swapped`: each parameter's ``optimizer.state`` entry moves to the
+    tensor that replaced it (same shapes: the caller checked them against the plan's
+    layouts), and the plan follows the new tensors."""
+    if len(plan.param_refs) == len(params):
+        for ref, param in zip(plan.param_refs, params):
+            old = ref()
+            if old is not None and old is not param and old in state:
+                state[param] = state.pop(old)
+    plan.param_refs = [weakref.ref(p) for p in params]

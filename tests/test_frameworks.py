@@ -64,3 +64,15 @@ def test_lightning_fsdp2_checkpoint_resumes_bitwise(tmp_path):
     run = _torchrun("lightning_fsdp2.py", str(tmp_path))
     assert run.returncode == 0, run.stderr[-4000:]
     assert _same(tmp_path / "lightning_fsdp2.pt")
+
+
+def test_hf_trainer_fsdp2_checkpoint_resumes_bitwise(tmp_path):
+    """HF Trainer with ``fsdp_version: 2`` (accelerate swaps the optimizer's parameters
+    for the sharded ones after building it; FSDP turned on for the CPU in the script):
+    the DCP checkpoint resumes exactly."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    run = _torchrun("hf_fsdp2.py", str(tmp_path))
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = torch.load(tmp_path / "hf_fsdp2.pt", weights_only=True)
+    assert result["sharded"] > 0 and _same(tmp_path / "hf_fsdp2.pt")

@@ -165,3 +165,24 @@ def test_a_failing_rank_makes_every_rank_raise(runs):
     _, _, two, _ = runs
     assert two[0]["failure"] == "RuntimeError: injected"
     assert two[1]["failure"].startswith("PeerFailure") and "rank(s) [0]" in two[1]["failure"]
+
+
+@pytest.mark.parametrize("swap_at", [0, 3])
+def test_swapped_parameters_keep_their_state(swap_at):
+    """accelerate's FSDP2 prepare replaces the optimizer's parameters in ``param_groups``
+    (by their sharded DTensors) after it was built, here after ``sharded_state_dict()``
+    made its template state or after 3 steps: the state follows the new tensors and the
+    run is the unswapped one, bit for bit."""
+    _, params = fsdp2.bag(False)
+    opt = fsdp2.Shampoo(fsdp2.groups(params, "shampoo"))
+    opt.sharded_state_dict()
+    for step in range(swap_at):
+        fsdp2.manual_step(opt, params, step)
+    clones = {k: torch.nn.Parameter(v.detach().clone()) for k, v in params.items()}
+    mapping = {id(params[k]): clones[k] for k in params}
+    for group in opt.param_groups:
+        group["params"] = [mapping[id(p)] for p in group["params"]]
+    for step in range(swap_at, fsdp2.STEPS):
+        fsdp2.manual_step(opt, clones, step)
+    assert all(p in opt.state and "blocks" in opt.state[p] for p in clones.values())
+    assert _equal(fsdp2.full_params(clones), fsdp2.train("shampoo", False)["params"])
