@@ -188,7 +188,8 @@ class ApplyPlan:
     it cannot fail on one rank only.
 
     Attributes:
-        params: the group's parameters.
+        params: the tensors updated: the group's parameters (an FSDP2 parameter's local
+            shard in its place).
         box_params: per box, its parameter's index.
         copies: ``(box, buffer)``: the box's direction is copied into the buffer first
             (cast to the parameter's dtype, or assembled for a non-contiguous parameter).
