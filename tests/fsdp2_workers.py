@@ -142,10 +142,11 @@ def resume(out: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------- FSDP2 model
-def train_model(world_size: int, rank: int, steps: int = MODEL_STEPS) -> dict[str, Any]:
+def train_model(world_size: int, rank: int, steps: int = MODEL_STEPS,
+                dtype: torch.dtype = torch.float64) -> dict[str, Any]:
     """The MLP under ``fully_shard`` (each Linear, then the root), FSDP2's own backward
-    on this rank's share of each batch, float64."""
-    model = workers.make_model(torch.float64)
+    on this rank's share of each batch."""
+    model = workers.make_model(dtype)
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer)
@@ -153,7 +154,7 @@ def train_model(world_size: int, rank: int, steps: int = MODEL_STEPS) -> dict[st
     opt = Shampoo(model.parameters(), **workers.DDP_OPTIONS)
     for step in range(steps):
         opt.zero_grad()
-        workers.loss_of(model, *workers.batch(step, rank, world_size, torch.float64)).backward()
+        workers.loss_of(model, *workers.batch(step, rank, world_size, dtype)).backward()
         opt.step()
     return {"params": [p.full_tensor().detach().clone() for p in model.parameters()],
             "metrics": opt.metrics()}
@@ -220,7 +221,7 @@ def two_ranks(rank: int, world_size: int, out: Path) -> None:
         "async": train("eigenvalue_corrected", True, async_roots=True, root_workers=1,
                        **DELAYED),
         "poisoned": train("shampoo", True, poison_at=POISON_AT),
-        "model": train_model(world_size, rank),
+        "model": train_model(world_size, rank, dtype=torch.float32),
         "refusals": refusals(world_size),
         "failure": failure(rank),
     }
@@ -231,6 +232,6 @@ def two_ranks(rank: int, world_size: int, out: Path) -> None:
 def three_ranks(rank: int, world_size: int, out: Path) -> None:
     """The bitwise workload and the model at 3 ranks; the 2-rank checkpoints resumed."""
     record = {"bitwise": {v: train(v, True) for v in workers.BITWISE_VARIANTS},
-              "model": train_model(world_size, rank), **resume(out)}
+              "model": train_model(world_size, rank, dtype=torch.float32), **resume(out)}
     dist.barrier()
     torch.save(record, out / f"three_{rank}.pt")
