@@ -122,8 +122,9 @@ class Shard0:
         return self.start * row, self.stop * row
 
     def overlaps(self, region: BlockRegion, shape: Sequence[int]) -> bool:
-        """Whether some element of ``region`` (of the merged, contiguous parameter)
-        lies in this rank's rows."""
+        """Whether ``region`` (of the merged, contiguous parameter) may have elements
+        in this rank's rows: whether the span from its first to its last element meets
+        them (never False when one does; a box a stride jumps over is kept)."""
         lo, hi = self.flat_range(shape)
         if lo == hi or not region.num_blocks:
             return False
