@@ -192,8 +192,9 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
             built) with more than one process, share the preconditioner work over its
             ranks (:mod:`.distributed`); False keeps every block on every rank.
             Every rank must then have the same param groups and hyperparameters (checked:
-            ``ValueError`` on every rank). FSDP2 (``fully_shard``) parameters are
-            optimized losslessly, as whole parameters (:mod:`.sharded`). Default True.
+            ``ValueError`` on every rank). FSDP2 (``fully_shard``) parameters get
+            the blocks of their full tensors, whatever the world size (:mod:`.sharded`).
+            Default True.
         process_group: the group to share over; None: the default group.
 
     State (:mod:`.param_state`): ``optimizer.state[p]`` holds each parameter's ``step``
