@@ -22,6 +22,14 @@ is the plain one-process optimizer). Per rank it reports:
 The summary line gives the largest per-rank root CPU time relative to world size 1
 (the issue's targets: <= 0.6 at 2 ranks, <= 0.35 at 4).
 
+With ``--fsdp2`` the parameters are FSDP2's: ``DTensor``s sharded along dimension 0 over
+a 1-D mesh of the ranks (as ``fully_shard`` makes them), each rank given its rows of the
+same gradients, and the optimizer is the lossless sharded one (:mod:`scalable_shampoo.
+sharded`). Extra columns: ``param MB`` (the rank's parameter shard), ``recv MB`` and
+``root recv MB``: the bytes this rank receives from the others in the step's collectives
+(all-gathers: ``(world - 1) / world`` of the output; all-reduces: the tensor), in a step
+without and with root computations.
+
 Wall times are honest only while every rank has a core of its own: with more ranks
 than cores the processes share cores, and wall times grow although each rank's CPU
 time falls. On a 2-core machine the 4-rank wall columns are therefore not scaling
@@ -30,7 +38,7 @@ numbers; the CPU columns are.
 Usage::
 
     python benchmarks/distributed_scaling.py [--world-sizes 1,2,4] [--steps 30]
-        [--precondition-frequency 10] [--quick]
+        [--precondition-frequency 10] [--quick] [--fsdp2]
 
 ``--quick`` (seconds) runs a small model for 10 steps to check that the script works.
 """
@@ -90,39 +98,81 @@ def _timed_roots(counter: list[float]) -> Any:
     return timed
 
 
-def _rank(rank: int, world_size: int, port: int, setup: Setup, results: Any) -> None:
+def _counted(received: list[int], world_size: int) -> None:
+    """Wraps this process's all-gathers and all-reduces to add the bytes it receives
+    from the other ranks to ``received[0]``."""
+    def wrap(name: str, incoming: Any) -> None:
+        collective = getattr(dist, name, None)
+        if collective is None:
+            return
+
+        def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            received[0] += incoming(tensor)
+            return collective(tensor, *args, **kwargs)
+
+        setattr(dist, name, counted)
+
+    def gathered(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size() * (world_size - 1) // world_size
+
+    for name in ("all_gather_into_tensor", "all_gather_single"):
+        wrap(name, gathered)
+    wrap("all_reduce", lambda t: t.numel() * t.element_size())
+
+
+def _rank(rank: int, world_size: int, port: int, setup: Setup, fsdp2: bool,
+          results: Any) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size, timeout=datetime.timedelta(minutes=10))
-    root_cpu = [0.0]
+    root_cpu, received = [0.0], [0]
     BlockStack.compute_roots = _timed_roots(root_cpu)  # this process only
+    _counted(received, world_size)
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(o, i, generator=gen) / math.sqrt(i))
               for o, i in setup.layers]
     pool = [[torch.randn(p.shape, generator=gen) * 1e-2 for p in params]
             for _ in range(GRAD_POOL)]
+    if fsdp2:  # fully_shard's parameters: rows of dimension 0 per rank
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world_size,))
+
+        def shard(t: torch.Tensor) -> torch.Tensor:
+            return distribute_tensor(t, mesh, [Shard(0)], src_data_rank=None)
+
+        params = [torch.nn.Parameter(shard(p.detach())) for p in params]
+        pool = [[shard(g) for g in grads] for grads in pool]
     opt = Shampoo(params, lr=1e-4, block_size=setup.block_size,
                   precondition_frequency=setup.precondition_frequency)
-    plain, plain_cpu, with_roots = [], [], []
+    plain, plain_cpu, with_roots, plain_recv, root_recv = [], [], [], [], []
     for step in range(1, setup.steps + 1):
         for p, g in zip(params, pool[step % GRAD_POOL]):
             p.grad = g
         dist.barrier()  # every rank starts the step together
+        received[0] = 0
         wall, cpu = time.perf_counter(), time.process_time()
         opt.step()
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         if step % setup.precondition_frequency == 0:  # the default start: the frequency
             with_roots.append(wall)
+            root_recv.append(received[0])
         else:
             plain.append(wall)
             plain_cpu.append(cpu)
+            plain_recv.append(received[0])
     metrics = opt.metrics()
     root_steps = max(1, len(with_roots))
+    local = [p.to_local() if fsdp2 else p for p in params]
     row = {"rank": rank, "blocks": metrics["owned_blocks"], "num_blocks": metrics["num_blocks"],
            "state_bytes": metrics["state_bytes"], "root_cpu": root_cpu[0] / root_steps,
            "root_wall": metrics["root_seconds"] / root_steps,
            "step": statistics.median(plain), "step_cpu": statistics.median(plain_cpu),
-           "root_step": statistics.median(with_roots) if with_roots else float("nan")}
+           "root_step": statistics.median(with_roots) if with_roots else float("nan"),
+           "param_bytes": sum(t.numel() * t.element_size() for t in local),
+           "recv": statistics.median(plain_recv),
+           "root_recv": statistics.median(root_recv) if root_recv else float("nan")}
     everyone: list[Any] = [None] * world_size
     dist.all_gather_object(everyone, row)
     if rank == 0:
@@ -137,28 +187,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(world_size: int, setup: Setup) -> list[dict[str, Any]]:
+def measure(world_size: int, setup: Setup, fsdp2: bool = False) -> list[dict[str, Any]]:
     """Per rank, its row of the table (see the module docstring)."""
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
-    mp.start_processes(_rank, args=(world_size, _free_port(), setup, results),
+    mp.start_processes(_rank, args=(world_size, _free_port(), setup, fsdp2, results),
                        nprocs=world_size, start_method="spawn")
     return results.get()
 
 
-def format_table(rows_by_world: dict[int, list[dict[str, Any]]], setup: Setup) -> str:
+def format_table(rows_by_world: dict[int, list[dict[str, Any]]], setup: Setup,
+                 fsdp2: bool = False) -> str:
     layers = " + ".join(f"Linear {i}->{o}" for o, i in setup.layers)
-    lines = [f"Data-parallel Shampoo: {layers}, block_size {setup.block_size}, "
+    kind = "FSDP2 (lossless, sharded parameters)" if fsdp2 else "Data-parallel"
+    extra = f" {'param MB':>8} {'recv MB':>8} {'root recv MB':>12}" if fsdp2 else ""
+    lines = [f"{kind} Shampoo: {layers}, block_size {setup.block_size}, "
              f"{setup.steps} steps, roots every {setup.precondition_frequency}; "
              "one thread per rank",
              f"{'ranks':>5} {'rank':>4} {'blocks':>6} {'state MB':>9} {'root CPU s':>10} "
-             f"{'root wall s':>11} {'step ms':>8} {'step CPU ms':>11} {'root step ms':>12}"]
+             f"{'root wall s':>11} {'step ms':>8} {'step CPU ms':>11} {'root step ms':>12}"
+             + extra]
     for world_size, rows in rows_by_world.items():
         for r in rows:
-            lines.append(
+            line = (
                 f"{world_size:>5} {r['rank']:>4} {r['blocks']:>6} {r['state_bytes'] / 2**20:>9.2f} "
                 f"{r['root_cpu']:>10.3f} {r['root_wall']:>11.3f} {r['step'] * 1e3:>8.1f} "
                 f"{r['step_cpu'] * 1e3:>11.1f} {r['root_step'] * 1e3:>12.1f}")
+            if fsdp2:
+                line += (f" {r['param_bytes'] / 2**20:>8.2f} {r['recv'] / 2**20:>8.2f} "
+                         f"{r['root_recv'] / 2**20:>12.2f}")
+            lines.append(line)
     if 1 in rows_by_world:
         base = max(r["root_cpu"] for r in rows_by_world[1])
         ratios = [f"{w} ranks {max(r['root_cpu'] for r in rows) / base:.2f}x"
@@ -179,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--precondition-frequency", type=int)
     parser.add_argument("--quick", action="store_true", help="a small model, 10 steps")
+    parser.add_argument("--fsdp2", action="store_true",
+                        help="FSDP2 parameters (DTensors sharded along dimension 0)")
     args = parser.parse_args(argv)
     setup = QUICK if args.quick else FULL
     setup = Setup(setup.layers, setup.block_size, args.steps or setup.steps,
@@ -186,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     sizes = [int(w) for w in args.world_sizes.split(",")]
     if any(w < 1 for w in sizes) or setup.steps < setup.precondition_frequency:
         parser.error("world sizes must be >= 1 and --steps >= --precondition-frequency")
-    print(format_table({w: measure(w, setup) for w in sizes}, setup))
+    print(format_table({w: measure(w, setup, args.fsdp2) for w in sizes}, setup, args.fsdp2))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -327,6 +327,11 @@ class DataParallel:
     group 0's carries the fingerprint of every group's hyperparameters) and, unless no
     parameter has a gradient, one all-gather per bucket. ``_next`` is the collective the
     other ranks run next (of param group ``_group``), which :meth:`abort` joins.
+
+    ``openers`` (set by the optimizer before :meth:`begin_step`): per param group, a
+    collective that comes before its agreement (the FSDP2 gradient gather of
+    :mod:`.sharded`), as the callable a failed rank joins it with; :meth:`opened` marks
+    it done.
     """
 
     def __init__(self, group: Any, rank: int, world_size: int) -> None:
@@ -336,7 +341,8 @@ class DataParallel:
                        if backend == "nccl" else torch.device("cpu"))
         self._sizes: list[int] = []
         self._group = 0
-        self._next: tuple[str, Exchange | None] | None = None
+        self._next: tuple[str, Any] | None = None
+        self.openers: dict[int, Callable[[], None]] = {}
         # This step's hyperparameters (group 0's agreement checks them) and their digest.
         self._expected: Description = []
         self._expected_digest = 0
@@ -371,11 +377,20 @@ class DataParallel:
         """Starts a step over param groups of these sizes: the structure's :meth:`check`
         (if ``check``) or group 0's agreement is next."""
         self._sizes, self._group = list(group_sizes), 0
-        self._next = ("check", None) if check else ("agree", None) if self._sizes else None
+        self._next = ("check", None) if check else self._opening() if self._sizes else None
+
+    def _opening(self) -> tuple[str, Any]:
+        """The first collective of param group ``_group``."""
+        join = self.openers.get(self._group)
+        return ("agree", None) if join is None else ("join", join)
+
+    def opened(self) -> None:
+        """The group's opener ran: its agreement is next."""
+        self._next = ("agree", None)
 
     def _next_group(self) -> None:
         self._group += 1
-        self._next = ("agree", None) if self._group < len(self._sizes) else None
+        self._next = self._opening() if self._group < len(self._sizes) else None
 
     def _raise_if_failed(self, failed: Sequence[bool]) -> None:
         ranks = [r for r, f in enumerate(failed) if f]
@@ -422,7 +437,7 @@ class DataParallel:
         come before any state of the step changes."""
         if structure is not None:
             self._agreement([], False, structure)
-            self._next = ("agree", None) if self._sizes else None
+            self._next = self._opening() if self._sizes else None
         if values is not self._expected:  # the optimizer passes the same object unchanged
             self._expected, self._expected_digest = values, fingerprint(values)
 
@@ -492,7 +507,12 @@ class DataParallel:
         if pending is None or isinstance(error, PeerFailure):
             return
         kind, exchange = pending
-        if kind in ("check", "agree"):
+        if kind == "join":
+            try:
+                exchange()
+            except PeerFailure:
+                pass
+        elif kind in ("check", "agree"):
             statuses = [] if kind == "check" else [_PRESENT] * self._sizes[self._group]
             try:
                 self._agreement(statuses, True)

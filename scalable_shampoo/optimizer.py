@@ -35,6 +35,8 @@ from .optimizer_state import StateDictMethods
 from .param_state import StateViews, new_step
 from .plans import ApplyPlan, Gathered, GroupPlan, build_plan, gather, stack_live, structure
 from .preconditioner import BlockStack, StackState
+from .sharded import (adopt_swapped, check_placements, local_shards, sharded_steps,
+                      swapped)
 from .state_dicts import block_state, load_block_state
 from .step_journal import StepJournal
 
@@ -159,7 +161,9 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
             built) with more than one process, share the preconditioner work over its
             ranks (:mod:`.distributed`); False keeps every block on every rank.
             Every rank must then have the same param groups and hyperparameters (checked:
-            ``ValueError`` on every rank). Default True.
+            ``ValueError`` on every rank). FSDP2 (``fully_shard``) parameters get
+            the blocks of their full tensors, whatever the world size (:mod:`.sharded`).
+            Default True.
         process_group: the group to share over; None: the default group.
 
     State (:mod:`.param_state`): ``optimizer.state[p]`` holds each parameter's ``step``
@@ -247,6 +251,7 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
         # Whether the ranks were found to agree on the structure (DataParallel.check).
         self._ranks_agree = False
         self._described_configs: tuple[list[ShampooConfig], Description] | None = None
+        self._sharded: dict = {}  # this step's FSDP2 groups (sharded.ShardedStep)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ param groups
@@ -262,6 +267,7 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
                     raise TypeError(f"Shampoo optimizes real floating-point parameters, got "
                                     f"a parameter of dtype {param.dtype}")
             check_dense(group["params"], index)
+            check_placements(group, index, self._data_parallel)
             check_group_lr(config, group["params"], index)
         except (ValueError, TypeError):
             self.param_groups.pop()
@@ -285,6 +291,10 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
                 layout.param_shape != tuple(p.shape) for layout, p in zip(plan.layouts, params)):
             raise ValueError(f"the parameters of param group {index} changed after the "
                              "optimizer state was created")
+        elif swapped(plan, params):  # tensors of the same shapes: accelerate's FSDP2 prepare
+            check_placements(self.param_groups[index], index, self._data_parallel)
+            adopt_swapped(plan, params, self.state)
+            self._views.refresh(self.state, params, plan.stacks, force=True)
         root_setting = (config.root_method, config.exponent_multiplier)
         if plan.checked_root_setting != root_setting:
             _check_newton_exponents(plan, config, index)
@@ -303,7 +313,9 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         data_parallel = self._data_parallel
+        self._sharded = sharded_steps(self.param_groups)  # FSDP2 parameters' groups
         if data_parallel is not None:
+            data_parallel.openers = {gi: s.join_failed for gi, s in self._sharded.items()}
             data_parallel.begin_step([len(g["params"]) for g in self.param_groups],
                                      check=not self._ranks_agree)
         try:
@@ -390,17 +402,25 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
         plan = self._plans[index]
         exchange = plan.exchange
         apply = None
+        sharded = self._sharded.get(index)
+        shards = None if sharded is None else local_shards(params)
         if exchange is not None:
             # Whatever can fail in the apply (views, casts, buffers) is prepared before the
             # agreement, which a rank that fails here joins as failed: then no rank has
             # changed any state, and none can fail after the others applied the update.
             exchange.allocate()
             apply = ApplyPlan.prepare(params, plan.layouts,
-                                      [(pi, region) for pi, region, _ in exchange.received])
+                                      [(pi, region) for pi, region, _ in exchange.received],
+                                      shards)
         grads = [p.grad for p in params]
+        math_params = params  # what g + wd p reads: FSDP2 parameters made full
+        if sharded is not None:
+            grads, math_params = sharded.full(grads)
+            if exchange is not None:
+                self._data_parallel.opened()
         skips = Skips()
         if exchange is not None:  # decided on whole gradients, the same on every rank
-            grads, skips = self._data_parallel.agree(exchange, grads, params, config)
+            grads, skips = self._data_parallel.agree(exchange, grads, math_params, config)
         if all(g is None for g in grads) and not skips.all():
             return
         step = plan.step + 1
@@ -409,7 +429,7 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
             plan = self._add_live(index, config, newcomers, step, journal)
         if config.weight_decay and not config.decoupled_weight_decay:
             grads = [None if g is None else g.add(p, alpha=config.weight_decay)
-                     for g, p in zip(grads, params)]
+                     for g, p in zip(grads, math_params)]
         merged = [g.reshape(layout.merged_shape) if g is not None and g.numel() > 0 else None
                   for g, layout in zip(grads, plan.layouts)]
         gathered = [gather(stack, pieces, merged)
@@ -426,7 +446,7 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
         if apply is None:  # one process: the boxes present, before any state changes
             apply = ApplyPlan.prepare(params, plan.layouts,
                                       [(piece.param, piece.region) for batch in gathered
-                                       for piece, _ in batch.placements])
+                                       for piece, _ in batch.placements], shards)
         # Each updated parameter's own step count (the same on every rank) drives its bias
         # corrections, and so its update's scale.
         updated = [pi for pi, g in enumerate(grads) if g is not None and pi not in bad]

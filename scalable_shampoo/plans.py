@@ -6,7 +6,8 @@ region views. Bookkeeping only: the optimizer decides what runs on the stacks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from .config import STRUCTURAL_FIELDS, ShampooConfig
 from .distributed import DataParallel, Exchange
 from .eigenvalue_corrected import EigenvalueCorrectedStack
 from .preconditioner import BlockStack
+from .sharded import Shards
 
 STACK_TYPES = {"shampoo": BlockStack, "eigenvalue_corrected": EigenvalueCorrectedStack}
 
@@ -51,6 +53,9 @@ class GroupPlan:
         exchange: with data parallelism, the blocks' owners and the all-gather layout
             (of every parameter, with state or not); the stacks then hold this rank's
             blocks only, ``locations`` has ``(-1, -1)`` for the others'.
+        param_refs: weak references to the parameters the plan was built for, whose
+            ``optimizer.state`` entries it keys (a wrapper may swap the group's tensors
+            for others of the same shapes: :func:`.sharded.adopt_swapped`).
     """
 
     layouts: list[BlockLayout]
@@ -63,6 +68,11 @@ class GroupPlan:
     step: int = 0
     checked_root_setting: tuple | None = None
     exchange: Exchange | None = None
+    param_refs: list[weakref.ref] = field(default_factory=list)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # weak references do not pickle; a copy re-learns its tensors at its next step
+        return {**self.__dict__, "param_refs": []}
 
 
 def structure(config: ShampooConfig) -> tuple:
@@ -91,7 +101,8 @@ def build_plan(params: list[torch.Tensor], config: ShampooConfig, batched: bool,
         if exchange is not None and own:  # this rank's boxes; the exchange records the others'
             own = exchange.add_param(pi, own, _work_dtype(param.dtype), param.device)
         regions.append(own)
-    plan = GroupPlan(layouts, regions, live, [], [], [], structure(config), exchange=exchange)
+    plan = GroupPlan(layouts, regions, live, [], [], [], structure(config), exchange=exchange,
+                     param_refs=[weakref.ref(p) for p in params])
     stack_live(plan, params, config, batched)
     return plan
 
@@ -177,7 +188,8 @@ class ApplyPlan:
     it cannot fail on one rank only.
 
     Attributes:
-        params: the group's parameters.
+        params: the tensors updated: the group's parameters (an FSDP2 parameter's local
+            shard in its place).
         box_params: per box, its parameter's index.
         copies: ``(box, buffer)``: the box's direction is copied into the buffer first
             (cast to the parameter's dtype, or assembled for a non-contiguous parameter).
@@ -193,12 +205,29 @@ class ApplyPlan:
 
     @classmethod
     def prepare(cls, params: list[torch.Tensor], layouts: list[BlockLayout],
-                boxes: list[tuple[int, BlockRegion]]) -> "ApplyPlan":
-        """For the directions of ``boxes`` (``(parameter index, region)``, in order)."""
-        plan = cls(params, [pi for pi, _ in boxes], [], [])
+                boxes: list[tuple[int, BlockRegion]],
+                shards: Shards | None = None) -> "ApplyPlan":
+        """For the directions of ``boxes`` (``(parameter index, region)``, in order).
+        A parameter in ``shards`` (FSDP2, :mod:`.sharded`) is updated in this rank's rows
+        only: its boxes there are assembled in a full-size buffer of its dtype, whose
+        rows are added to the local shard."""
+        shards = shards or {}
+        targets = [shards[pi].local if pi in shards else p for pi, p in enumerate(params)]
+        plan = cls(targets, [pi for pi, _ in boxes], [], [])
         assembled: dict[int, torch.Tensor] = {}
         for box, (pi, region) in enumerate(boxes):
             param, shape = params[pi], layouts[pi].merged_shape
+            if pi in shards:
+                shard = shards[pi]
+                if not shard.overlaps(region, param.shape):
+                    continue
+                if pi not in assembled:
+                    lo, hi = shard.flat_range(param.shape)
+                    assembled[pi] = torch.empty(shape, dtype=param.dtype, device=shard.local.device)
+                    plan.adds.append((pi, shard.local,
+                                      assembled[pi].view(-1)[lo:hi].view(shard.local.shape)))
+                plan.copies.append((box, region_view(assembled[pi], region)))
+                continue
             if not param.is_contiguous():  # e.g. channels_last: assemble, then one add
                 if pi not in assembled:
                     assembled[pi] = torch.empty(shape, dtype=param.dtype, device=param.device)

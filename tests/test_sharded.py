@@ -1,0 +1,194 @@
+"""Shampoo on FSDP2 parameters (scalable_shampoo.sharded): the row split and box overlap
+as pure functions, and gloo runs at 2 and 3 ranks (tests/fsdp2_workers.py) against the
+one-process optimizer: bitwise on the same gradients (classic and eigenvalue-corrected;
+merged, split and unpreconditioned dimensions; coupled weight decay), with background
+roots and a NaN gradient; FSDP2's own backward to rounding; checkpoints saved at 2 ranks
+resumed at 2, 3 and 1; refusals of other placements; a failing rank's peers raise."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from scalable_shampoo.blocking import block_layout, block_regions, region_view
+from scalable_shampoo.distributed import load_checkpoint
+from scalable_shampoo.sharded import Shard0, rows_of
+from tests import distributed_workers as workers
+from tests import fsdp2_workers as fsdp2
+
+
+@pytest.mark.parametrize("rows,world", [(7, 2), (3, 2), (3, 4), (12, 3), (5, 4), (1, 3)])
+def test_rows_follow_torch_chunk(rows, world):
+    chunks = torch.arange(rows).chunk(world)
+    for rank in range(world):
+        start, stop = rows_of(rows, world, rank)
+        expected = chunks[rank].tolist() if rank < len(chunks) else []
+        assert list(range(start, stop)) == expected
+
+
+@pytest.mark.parametrize("shape,block_size", [((12, 6), 4), ((2, 2, 3, 12), 4), ((9,), 2),
+                                              ((5, 7), 3)])
+def test_box_overlap_keeps_every_box_with_local_elements(shape, block_size):
+    """The apply skips the boxes :meth:`Shard0.overlaps` rules out: none of them may
+    have an element in the rank's rows (and some are ruled out)."""
+    layout = block_layout(shape, block_size, 12)
+    index = torch.arange(torch.Size(shape).numel()).reshape(layout.merged_shape)
+    skipped = 0
+    for world in (2, 3, 4):
+        for rank in range(world):
+            start, stop = rows_of(shape[0], world, rank)
+            shard = Shard0(torch.empty(0), start, stop)
+            lo, hi = shard.flat_range(shape)
+            for region in block_regions(layout) + block_regions(layout, one_block_each=True):
+                inside = ((region_view(index, region) >= lo) &
+                          (region_view(index, region) < hi)).any()
+                assert shard.overlaps(region, shape) or not inside
+                skipped += not shard.overlaps(region, shape)
+    assert skipped > 0
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks: the thread count changes the rounding
+    try:
+        workers.run_ranks(2, fsdp2.two_ranks, out)
+        workers.run_ranks(3, fsdp2.three_ranks, out)
+        single = {
+            "bitwise": {v: fsdp2.train(v, False) for v in workers.BITWISE_VARIANTS},
+            "async": fsdp2.train("eigenvalue_corrected", False, **fsdp2.DELAYED),
+            "poisoned": fsdp2.train("shampoo", False, poison_at=fsdp2.POISON_AT),
+            "delayed": fsdp2.train("shampoo", False, **fsdp2.DELAYED),
+            "model": workers.train_single(torch.float32, False, stop=fsdp2.MODEL_STEPS),
+        }
+    finally:
+        torch.set_num_threads(threads)
+    two = [torch.load(out / f"two_{r}.pt", weights_only=True) for r in range(2)]
+    three = [torch.load(out / f"three_{r}.pt", weights_only=True) for r in range(3)]
+    return out, single, two, three
+
+
+def _equal(params, reference):
+    return len(params) == len(reference) and all(
+        p.dtype == q.dtype and torch.equal(p, q) for p, q in zip(params, reference))
+
+
+@pytest.mark.parametrize("variant", list(workers.BITWISE_VARIANTS))
+def test_sharded_ranks_equal_one_process_bitwise(runs, variant):
+    """The same gradients: every rank's full parameters equal one process's bit for bit
+    at 2 and 3 ranks, the blocks' state split over the ranks (each block on one)."""
+    _, single, two, three = runs
+    alone = single["bitwise"][variant]
+    start = workers.bitwise_params().values()
+    assert all(torch.linalg.vector_norm(p - q) > 0.01 * torch.linalg.vector_norm(q)
+               for p, q in zip(alone["params"], start))  # every parameter moved
+    for ranks in (two, three):
+        results = [r["bitwise"][variant] for r in ranks]
+        assert all(_equal(r["params"], alone["params"]) for r in results)
+        metrics = [r["metrics"] for r in results]
+        assert all(m["owned_blocks"] > 0 for m in metrics)
+        assert sum(m["owned_blocks"] for m in metrics) == alone["metrics"]["num_blocks"]
+        assert sum(m["state_bytes"] for m in metrics) == alone["metrics"]["state_bytes"]
+        assert max(m["state_bytes"] for m in metrics) < alone["metrics"]["state_bytes"]
+
+
+def test_replicated_async_and_nan_guard_equal_one_process(runs):
+    _, single, two, _ = runs
+    for record in two:
+        # distributed=False: every block on every rank, the same numbers
+        assert _equal(record["replicated"]["params"], single["bitwise"]["shampoo"]["params"])
+        assert (record["replicated"]["metrics"]["owned_blocks"]
+                == single["bitwise"]["shampoo"]["metrics"]["num_blocks"])
+        # background roots: the trajectory of synchronous roots with the same delay
+        assert _equal(record["async"]["params"], single["async"]["params"])
+        # a NaN in one rank's rows skips the parameter on every rank, as in one process
+        poisoned = record["poisoned"]
+        assert poisoned["metrics"]["nonfinite_grad_skips"] == 1
+        assert _equal(poisoned["params"], single["poisoned"]["params"])
+        assert not _equal(poisoned["params"], single["bitwise"]["shampoo"]["params"])
+
+
+def test_fsdp2_backward_follows_one_process_to_rounding(runs):
+    """FSDP2's own forward and backward on each rank's share of the batch (its
+    reduce-scatter rounds differently): float32, after 50 steps within 1e-5 relative
+    (measured: 2e-7)."""
+    _, single, two, three = runs
+    model, opt = single["model"]
+    reference = [p.detach() for p in model.parameters()]
+    for ranks in (two, three):
+        for record in ranks:
+            for p, q in zip(record["model"]["params"], reference):
+                assert torch.linalg.vector_norm(p - q) <= 1e-5 * torch.linalg.vector_norm(q)
+        assert (sum(r["model"]["metrics"]["state_bytes"] for r in ranks)
+                == opt.metrics()["state_bytes"])
+
+
+def test_checkpoints_resume_bitwise_at_two_and_three_ranks(runs):
+    _, single, two, three = runs
+    uninterrupted = two[0]["uninterrupted"]
+    assert _equal(uninterrupted, single["delayed"]["params"])
+    assert all(r["in_flight"] > 0 for r in two)  # saved with roots not yet in use
+    for record in two + three:
+        assert _equal(record["ours_resumed"], uninterrupted)
+        assert _equal(record["dcp_resumed"], uninterrupted)
+
+
+def test_checkpoint_of_two_ranks_resumes_unsharded_in_one_process(runs):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    out, _, two, _ = runs
+    uninterrupted = two[0]["uninterrupted"]
+    module, params = fsdp2.bag(False)
+    opt = fsdp2.Shampoo(fsdp2.groups(params, "shampoo", **fsdp2.DELAYED))
+    load_checkpoint(out / "ours", opt, model=module)
+    assert _equal(fsdp2._resume(params, opt), uninterrupted)
+    module, params = fsdp2.bag(False)
+    opt = fsdp2.Shampoo(fsdp2.groups(params, "shampoo", **fsdp2.DELAYED))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        state = {"model": module.state_dict(), "optimizer": get_optimizer_state_dict(module, opt)}
+        dcp.load(state, checkpoint_id=out / "dcp", no_dist=True)
+    module.load_state_dict(state["model"])
+    set_optimizer_state_dict(module, opt, state["optimizer"])
+    assert _equal(fsdp2._resume(params, opt), uninterrupted)
+
+
+def test_other_placements_are_refused_naming_the_parameter(runs):
+    _, _, two, _ = runs
+    messages = two[0]["refusals"]
+    assert "'layer.shard1'" in messages["shard1"] and "Shard(dim=1)" in messages["shard1"]
+    assert "'layer.replicate'" in messages["replicate"] and "Replicate()" in messages["replicate"]
+    assert "'layer.mesh2d'" in messages["mesh2d"] and "2-D device mesh" in messages["mesh2d"]
+    assert all("Shard(0) over a 1-D mesh" in m for m in messages.values())
+
+
+def test_a_failing_rank_makes_every_rank_raise(runs):
+    _, _, two, _ = runs
+    assert two[0]["failure"] == "RuntimeError: injected"
+    assert two[1]["failure"].startswith("PeerFailure") and "rank(s) [0]" in two[1]["failure"]
+
+
+@pytest.mark.parametrize("swap_at", [0, 3])
+def test_swapped_parameters_keep_their_state(swap_at):
+    """accelerate's FSDP2 prepare replaces the optimizer's parameters in ``param_groups``
+    (by their sharded DTensors) after it was built, here after ``sharded_state_dict()``
+    made its template state or after 3 steps: the state follows the new tensors and the
+    run is the unswapped one, bit for bit."""
+    _, params = fsdp2.bag(False)
+    opt = fsdp2.Shampoo(fsdp2.groups(params, "shampoo"))
+    opt.sharded_state_dict()
+    for step in range(swap_at):
+        fsdp2.manual_step(opt, params, step)
+    clones = {k: torch.nn.Parameter(v.detach().clone()) for k, v in params.items()}
+    mapping = {id(params[k]): clones[k] for k in params}
+    for group in opt.param_groups:
+        group["params"] = [mapping[id(p)] for p in group["params"]]
+    for step in range(swap_at, fsdp2.STEPS):
+        fsdp2.manual_step(opt, clones, step)
+    assert all(p in opt.state and "blocks" in opt.state[p] for p in clones.values())
+    assert _equal(fsdp2.full_params(clones), fsdp2.train("shampoo", False)["params"])
