@@ -96,7 +96,7 @@ class ReferenceShampoo:
                       geps=grafting_epsilon, mult=exponent_multiplier, nesterov=nesterov,
                       bc=bias_correction, decoupled=decoupled_weight_decay,
                       delay=root_delay or 0, rel=relative_epsilon,
-                      moment_of_gradient=first_moment == "gradient")
+                      moment_of_gradient=first_moment in (None, "gradient"))
         self.state = []
         for p, merged in zip(params, merged_shapes):
             assert math.prod(merged) == p.numel()

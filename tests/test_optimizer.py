@@ -50,8 +50,10 @@ CONFIGS = {
                        root_delay=3),
     "root_delay_full_period": dict(lr=0.05, betas=(0.9, 1.0), precondition_frequency=3,
                                    root_delay=3),
-    "gradient_moment": dict(lr=0.05, first_moment="gradient", precondition_frequency=2,
-                            start_preconditioning_step=3),
+    "direction_moment": dict(lr=0.05, first_moment="direction", precondition_frequency=2,
+                             start_preconditioning_step=3),
+    "direction_moment_nesterov": dict(lr=0.05, first_moment="direction", nesterov=True,
+                                      betas=(0.9, 0.99), precondition_frequency=2),
     "gradient_moment_nesterov_sgd_graft": dict(lr=0.05, first_moment="gradient",
                                                nesterov=True, grafting="sgd",
                                                betas=(0.8, 0.99), precondition_frequency=3),
@@ -503,8 +505,9 @@ def test_repr_shows_the_values_in_effect():
     groups = repr(opt).split("Parameter Group ")[1:]
     assert len(groups) == 2
     for text, grafting, one_d, start, delay in [(groups[0], "'adam'", "True", "10", "0"),
-                                                (groups[1], "'none'", "False", "1", "1")]:
+                                                (groups[1], "'adam'", "False", "1", "1")]:
         assert f"    grafting: {grafting}\n" in text
+        assert "    first_moment: 'gradient'\n" in text
         assert f"    precondition_1d: {one_d}\n" in text
         assert f"    start_preconditioning_step: {start}\n" in text
         assert f"    root_delay: {delay}\n" in text and "    factor_beta: 0.999\n" in text
