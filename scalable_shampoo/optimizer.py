@@ -34,7 +34,7 @@ from .matrix_functions import newton_fraction
 from .optimizer_state import StateDictMethods
 from .param_state import StateViews, new_step
 from .plans import ApplyPlan, Gathered, GroupPlan, build_plan, gather, stack_live, structure
-from .preconditioner import BlockStack, StackState
+from .preconditioner import BlockStack, StackState, root_dtype_of
 from .state_dicts import block_state, load_block_state
 from .step_journal import StepJournal
 
@@ -133,6 +133,7 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
     Every hyperparameter may also be set per param group, as in ``torch.optim``. The common
     ones are below; :class:`ShampooConfig` describes all of them (the rest:
     ``statistics_frequency``, ``grafting_beta2``, ``root_method``, ``root_dtype``,
+    ``root_check_tolerance``,
     ``factor_dtype``, ``exponent_multiplier``, ``nesterov``, ``bias_correction``,
     ``decoupled_weight_decay``, ``newton_max_iterations``, ``newton_tolerance``,
     ``root_failure_threshold``, ``eigenbasis_method``, ``basis_refresh_tolerance``,
@@ -219,7 +220,8 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
                  start_preconditioning_step: int | None = None,
                  statistics_frequency: int = 1, grafting: str | None = None,
                  grafting_beta2: float = 0.999, grafting_epsilon: float = 1e-8,
-                 root_method: str = "eigh", root_dtype: torch.dtype = torch.float64,
+                 root_method: str = "eigh", root_dtype: torch.dtype | None = None,
+                 root_check_tolerance: float = 1e-4,
                  factor_dtype: torch.dtype = torch.float64, exponent_multiplier: float = 1.0,
                  nesterov: bool = False, bias_correction: bool = True,
                  decoupled_weight_decay: bool = True, newton_max_iterations: int = 100,
@@ -238,7 +240,8 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
             start_preconditioning_step=start_preconditioning_step,
             statistics_frequency=statistics_frequency, grafting=grafting,
             grafting_beta2=grafting_beta2, grafting_epsilon=grafting_epsilon,
-            root_method=root_method, root_dtype=root_dtype, factor_dtype=factor_dtype,
+            root_method=root_method, root_dtype=root_dtype,
+            root_check_tolerance=root_check_tolerance, factor_dtype=factor_dtype,
             exponent_multiplier=exponent_multiplier, nesterov=nesterov,
             bias_correction=bias_correction, decoupled_weight_decay=decoupled_weight_decay,
             newton_max_iterations=newton_max_iterations, newton_tolerance=newton_tolerance,
@@ -252,6 +255,7 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
         # None stays: each group resolves these by its own preconditioner.
         defaults["grafting"] = grafting
         defaults["precondition_1d"] = precondition_1d
+        defaults["root_dtype"] = root_dtype
         if not isinstance(foreach, bool):
             raise ValueError(f"foreach must be True or False, got {foreach!r}")
         if _built_by_zero():
@@ -717,7 +721,7 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
     def __repr__(self) -> str:
         """As ``torch.optim``'s, with the values in effect for the hyperparameters left to
         their defaults (None): ``grafting``, ``precondition_1d``,
-        ``start_preconditioning_step``, ``root_delay``, ``factor_beta``."""
+        ``start_preconditioning_step``, ``root_delay``, ``factor_beta``, ``root_dtype``."""
         lines = [f"{type(self).__name__} ("]
         for index, group in enumerate(self.param_groups):
             lines.append(f"Parameter Group {index}")
@@ -738,4 +742,7 @@ def _effective_values(group: dict[str, Any], asynchronous: bool) -> dict[str, An
     values.update(grafting=config.grafting, precondition_1d=config.precondition_1d,
                   start_preconditioning_step=config.preconditioning_start,
                   root_delay=delay, factor_beta=config.factor_ema)
+    # None: per the parameters' dtype (float64 ones get float64 roots).
+    dtypes = sorted({str(root_dtype_of(config, p.dtype)) for p in group["params"]})
+    values["root_dtype"] = dtypes[0] if len(dtypes) == 1 else tuple(dtypes)
     return values
