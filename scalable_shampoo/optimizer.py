@@ -184,7 +184,11 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
             steps after the statistics they were computed from, exactly as in the
             synchronous optimizer with the same ``root_delay``. Call :meth:`close` (or use
             the optimizer as a context manager) to stop the workers early; they also stop
-            when the optimizer is garbage collected. Default False.
+            when the optimizer is garbage collected. "spread": no workers; the same
+            delayed roots computed a share per step on the training thread, one matrix
+            at a time, so that no step does all of them (no threads competing for the
+            cores; the trajectory is again the synchronous one with that delay).
+            Default False.
         root_workers: worker threads for ``async_roots`` (each runs one intra-op thread).
             None: half the cores, at most 4.
         distributed: when ``torch.distributed`` is initialized (before the optimizer is
@@ -230,7 +234,7 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
                  basis_refresh_tolerance: float = 0.0, factor_beta: float | None = None,
                  adam_epsilon: float = 1e-8, root_delay: int | None = None,
                  precondition_1d: bool | None = None, relative_epsilon: bool = True, *,
-                 foreach: bool = True, async_roots: bool = False,
+                 foreach: bool = True, async_roots: bool | str = False,
                  root_workers: int | None = None, distributed: bool = True,
                  process_group: Any = None) -> None:
         defaults = ShampooConfig(
