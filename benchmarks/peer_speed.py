@@ -9,9 +9,10 @@ with one intra-op thread: other processes on the cores do not count), and the ta
 gives per optimizer and workload:
 
 * ``median``: the median step without a root (basis) computation, after the first;
-* ``root``: the median step that recomputes roots (Shampoo: read off
-  ``metrics()['root_computations']``; peers: the steps their schedule recomputes at,
-  multiples of ``--frequency``);
+* ``root``: the median step that recomputes roots (Shampoo: the steps ``metrics()
+  ['root_computations']`` rises at, and with ``async_roots="spread"`` the steps its
+  schedule launches them at, ``--frequency`` and its multiples; peers: the steps their
+  schedule recomputes at, multiples of ``--frequency``);
 * ``mean``: the mean over all ``--steps`` steps;
 * ``state``: optimizer-state bytes over parameter bytes (Shampoo: ``metrics()
   ['state_bytes']``; others: the distinct tensors in ``optimizer.state``).
@@ -101,6 +102,11 @@ def _ours(params: list[torch.Tensor], workload: Workload, frequency: int) -> Any
                    precondition_frequency=frequency)
 
 
+def _ours_spread(params: list[torch.Tensor], workload: Workload, frequency: int) -> Any:
+    return Shampoo(params, lr=LR, block_size=workload.block_size,
+                   precondition_frequency=frequency, async_roots="spread")
+
+
 def _adamw(params: list[torch.Tensor], workload: Workload, frequency: int) -> Any:
     return torch.optim.AdamW(params, lr=LR)
 
@@ -124,7 +130,7 @@ def _soap(params: list[torch.Tensor], workload: Workload, frequency: int) -> Any
 
 
 OPTIMIZERS: dict[str, Callable[..., Any]] = {
-    "ours (Shampoo)": _ours, "AdamW": _adamw,
+    "ours (Shampoo)": _ours, "ours (spread roots)": _ours_spread, "AdamW": _adamw,
     "pytorch-optimizer ScalableShampoo": _scalable_shampoo, "heavyball SOAP": _soap}
 
 
@@ -194,8 +200,9 @@ def measure(workload: Workload, names: list[str], steps: int, frequency: int
         for name, (params, optimizer, timing) in runs.items():
             for p, g in zip(params, pool[step % POOL]):
                 p.grad = g.clone()
+            spread = isinstance(optimizer, Shampoo) and optimizer._roots.spread
             before = (optimizer.metrics()["root_computations"]
-                      if isinstance(optimizer, Shampoo) else None)
+                      if isinstance(optimizer, Shampoo) and not spread else None)
             start = time.thread_time()
             optimizer.step()
             timing.times_ms.append((time.thread_time() - start) * 1e3)
