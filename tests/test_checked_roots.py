@@ -120,3 +120,29 @@ def test_optimizer_with_checked_float32_roots_tracks_float64_roots():
     assert 0 < gap / moved < 1e-4
     # the float32 roots were kept (their check is the residual), float64's are exact
     assert 1e-9 < residuals[torch.float32] <= TOLERANCE and residuals[torch.float64] < 1e-12
+
+
+def test_surely_ill_conditioned_factors_skip_the_float32_eigh(monkeypatch):
+    import scalable_shampoo.matrix_functions as mf
+    calls = []
+    original = mf._eigh
+
+    def recording(matrix):
+        calls.append((matrix.dtype, matrix.shape[0]))
+        return original(matrix)
+
+    monkeypatch.setattr(mf, "_eigh", recording)
+    gen = torch.Generator().manual_seed(8)
+    thin = torch.randn(2, 48, 3, dtype=F64, generator=gen)  # rank 3 of 48
+    a, ref = batch(48, [1.0, 1e10], seed=6)
+    rank_deficient = thin @ thin.mT
+    mats = torch.cat([a, rank_deficient])
+    assert mf.surely_ill_conditioned(mats, 1e-6, True, TOLERANCE).tolist() == [
+        False, True, True, True]
+    result = inverse_root_mixed(mats, 0.25, 1e-6, relative=True, tolerance=TOLERANCE)
+    # float32 eigh for the well-conditioned one only, float64 for the other three
+    assert calls == [(torch.float32, 1), (F64, 3)]
+    for i in range(2):
+        assert rel_err(result.root[i], ref[i]) < TOLERANCE
+    wide = inverse_root_eigh(mats[1:], 0.25, 1e-6, relative=True, out_dtype=torch.float32)
+    assert torch.equal(result.root[1:], wide.root)
