@@ -63,10 +63,10 @@ class SpreadWork:
     """One launch's root work cut into units, each one matrix of the stack's inputs (a
     row of a ``(N, d, d)`` input; an input of another kind, such as the
     eigenvalue-corrected ``(factor, basis, flags)``, is one unit), computed a share per
-    step of the ``steps`` before the activation, by cost (``d^3`` a matrix), consecutive
-    rows of one input in one batched call. Every
-    matrix's root is computed on its own in any case (batched ``eigh`` and ``bmm`` treat
-    each matrix apart), so the results equal the all-at-once computation's.
+    step of ``steps`` (those after the launch step and before the activation), by cost
+    (``d^3`` a matrix), consecutive rows of one input in one batched call. Every matrix's
+    root is computed on its own in any case (batched ``eigh`` and ``bmm`` treat each
+    matrix apart), so the results equal the all-at-once computation's.
     """
 
     def __init__(self, stack: "RootWork", inputs: Any, config: ShampooConfig,
@@ -290,9 +290,12 @@ class RootScheduler:
         inputs = stack.root_inputs(config, step)
         pending = PendingRoots(computed_at=step, activates_at=step + delay)
         if self.spread and delay > 0:
-            pending.work = SpreadWork(stack, inputs, config, delay)
+            # The launch step already snapshots and installs: the work starts at the next
+            # step when there is one before the activation.
+            pending.work = SpreadWork(stack, inputs, config, max(1, delay - 1))
             stack.pending = pending
-            self._advance(pending, step)
+            if delay == 1:
+                self._advance(pending, step)
             return events
         if self.asynchronous and not self.spread:
             ready = None
