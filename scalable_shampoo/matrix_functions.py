@@ -192,12 +192,14 @@ def inverse_root_mixed(matrix: torch.Tensor, exponent: float, epsilon: float = 0
 
 def surely_ill_conditioned(matrix: torch.Tensor, epsilon: float, relative: bool,
                            tolerance: float) -> torch.Tensor:
-    """``(N,)`` whether a float32 root of each (float64, symmetric PSD) matrix surely fails
+    """``(N,)`` whether a float32 root of each (float64, symmetric PSD) matrix would fail
     the check at ``tolerance``, so that its float32 ``eigh`` is not worth trying: the
     condition number of ``A + r I`` is at least ``(max_i L_ii / min_i L_ii)^2`` for its
-    Cholesky factor ``L`` (``n^3 / 3`` flops, a tenth of an ``eigh``), and a float32 root's
-    check grows as ~``1e-6 cond`` (measured ~6e-6 at cond 9); the limit is 10x above where
-    that reaches the tolerance, so only roots that would fail are sent to float64 directly.
+    Cholesky factor ``L`` (``n^3 / 3`` flops, a quarter of a float64 ``eigh`` at n = 128,
+    less for larger n; ``r`` from ``||A||_F >= lambda_max``, which only lowers the bound),
+    and a float32 root's check grows as ~``1e-6 cond`` (measured ~6e-6 at cond 9); the
+    limit is 10x above where that reaches the tolerance, so only roots that would fail
+    are sent to float64 directly (the check still decides for the others).
     A failed factorization counts as ill conditioned."""
     n = matrix.shape[-1]
     if relative:
