@@ -146,3 +146,20 @@ def test_surely_ill_conditioned_factors_skip_the_float32_eigh(monkeypatch):
         assert rel_err(result.root[i], ref[i]) < TOLERANCE
     wide = inverse_root_eigh(mats[1:], 0.25, 1e-6, relative=True, out_dtype=torch.float32)
     assert torch.equal(result.root[1:], wide.root)
+
+
+def test_root_dtype_default_follows_the_stored_roots_and_the_method():
+    from scalable_shampoo.config import ShampooConfig
+    from scalable_shampoo.preconditioner import checked_roots, root_dtype_of
+    default = ShampooConfig()
+    assert default.root_dtype is None
+    assert root_dtype_of(default, torch.float32) == torch.float32
+    assert checked_roots(default, torch.float32) and checked_roots(default, torch.bfloat16)
+    assert root_dtype_of(default, torch.float64) == F64  # float64 parameters
+    assert not checked_roots(default, torch.float64)
+    newton = ShampooConfig(root_method="newton")
+    assert root_dtype_of(newton, torch.float32) == F64 and not checked_roots(newton, torch.float32)
+    plain = ShampooConfig(root_dtype=torch.float32, root_check_tolerance=float("inf"))
+    assert root_dtype_of(plain, torch.float64) == torch.float32
+    assert not checked_roots(plain, torch.float32)
+    assert ShampooConfig(preconditioner="eigenvalue_corrected").root_dtype == F64
