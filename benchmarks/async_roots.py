@@ -7,7 +7,9 @@ time, three ways in one run:
 
 * ``sync``: the synchronous optimizer (``root_delay=0``), roots computed inside the step;
 * ``sync+delay``: synchronous with ``root_delay=10`` (the trajectory async must equal);
-* ``async``: ``async_roots=True, root_delay=10, root_workers=1``.
+* ``async``: ``async_roots=True, root_delay=10, root_workers=1``;
+* ``spread``: ``async_roots="spread", root_delay=10``: no worker, the delayed root work
+  done a share per step on the training thread (a tenth of it per step here).
 
 The training thread runs one intra-op thread (``torch.set_num_threads(1)``) and the root
 worker one, so on a 2-core machine each gets a core. Every training step (forward,
@@ -88,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     runs = [_run("sync", args),
             _run("sync+delay", args, root_delay=delay),
-            _run("async", args, root_delay=delay, async_roots=True, root_workers=1)]
+            _run("async", args, root_delay=delay, async_roots=True, root_workers=1),
+            _run("spread", args, root_delay=delay, async_roots="spread")]
     print(f"MLP {args.layers} x Linear {args.width}x{args.width}, batch {args.batch}, "
           f"{args.steps} steps, precondition_frequency {args.frequency}, root_delay {delay}; "
           "1 training thread, 1 root worker")
@@ -99,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['p99_ms'] / r['median_ms']:10.2f} {r['total_s']:8.1f} "
               f"{r['root_seconds']:7.1f} {r['root_wait_seconds']:8.2f}")
     same = all(torch.equal(a, b) for a, b in zip(runs[1]["params"], runs[2]["params"]))
+    spread_same = all(torch.equal(a, b) for a, b in zip(runs[1]["params"], runs[3]["params"]))
     print(f"async total / sync total: {runs[2]['total_s'] / runs[0]['total_s']:.2f}; "
-          f"async parameters equal sync+delay's bit for bit: {same}")
+          f"spread total / sync total: {runs[3]['total_s'] / runs[0]['total_s']:.2f}; "
+          f"parameters equal sync+delay's bit for bit: async {same}, spread {spread_same}")
+    same = same and spread_same
     if args.json:
         args.json.write_text(json.dumps([{k: v for k, v in r.items() if k != "params"}
                                          for r in runs], indent=2))

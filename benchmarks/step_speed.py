@@ -497,7 +497,7 @@ def print_header(info: dict[str, str], window: Schedule) -> None:
           f"random gradients (x{GRAD_SCALE}) set as p.grad, forward/backward not timed.\n"
           f"Shampoo(lr={LR}, block_size=..., precondition_frequency={window.frequency}, "
           f"start_preconditioning_step={window.start}), other arguments default "
-          f"(grafting adam, root eigh in float64); AdamW(lr={LR}), foreach default.\n")
+          f"(grafting adam, eigh roots in float32 checked in float64); AdamW(lr={LR}), foreach default.\n")
 
 
 def print_rates(mm: dict[int, float], before: dict[tuple[int, int, int], float],

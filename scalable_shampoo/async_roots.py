@@ -46,8 +46,9 @@ class RootWork(Protocol):
 @dataclass
 class PendingRoots:
     """Roots computed from the statistics of step ``computed_at`` that go into use at
-    step ``activates_at``: either ``results`` (ready) or a ``future`` (in flight) whose
-    value is ``(results, worker seconds)``.
+    step ``activates_at``: either ``results`` (ready), a ``future`` (in flight) whose
+    value is ``(results, worker seconds)``, or ``work`` still to be done a share per step
+    on the training thread (``async_roots="spread"``).
     """
 
     computed_at: int
@@ -55,6 +56,80 @@ class PendingRoots:
     results: Any = None
     future: Future | None = None
     seconds: float = 0.0
+    work: "SpreadWork | None" = None
+
+
+class SpreadWork:
+    """One launch's root work cut into units, each one matrix of the stack's inputs (a
+    row of a ``(N, d, d)`` input; an input of another kind, such as the
+    eigenvalue-corrected ``(factor, basis, flags)``, is one unit), computed a share per
+    step of ``steps`` (those after the launch step and before the activation), by cost
+    (``d^3`` a matrix), consecutive rows of one input in one batched call. Every matrix's
+    root is computed on its own in any case (batched ``eigh`` and ``bmm`` treat each
+    matrix apart), so the results equal the all-at-once computation's.
+    """
+
+    def __init__(self, stack: "RootWork", inputs: Any, config: ShampooConfig,
+                 steps: int) -> None:
+        self.stack, self.inputs, self.config = stack, inputs, config
+        self.units: list[tuple[int, int | None, float]] = []
+        for index, value in enumerate(inputs):
+            if isinstance(value, torch.Tensor) and value.dim() == 3:
+                cost = float(value.shape[-1]) ** 3
+                self.units += [(index, row, cost) for row in range(value.shape[0])]
+            else:
+                first = value[0] if isinstance(value, (list, tuple)) else value
+                size = first.shape[-1] if isinstance(first, torch.Tensor) else 1
+                self.units.append((index, None, float(size) ** 3 * max(1, len(first))))
+        self.parts: dict[int, list[Any]] = {index: [] for index in range(len(inputs))}
+        self.next, self.spent, self.steps = 0, 0.0, max(1, steps)
+        self.total = sum(cost for *_, cost in self.units)
+
+    @property
+    def done(self) -> bool:
+        return self.next >= len(self.units)
+
+    def advance(self, steps_left: int) -> None:
+        """Computes this step's share, ``steps_left`` steps (this one included) before
+        the activation: the units until the work done is nearest to the even share of
+        the steps so far (so a stack of one unit does it midway); all that is left when
+        ``steps_left <= 1``."""
+        if self.done:
+            return
+        elapsed = max(1, self.steps - steps_left + 1)
+        target = self.total * elapsed / self.steps
+        end = self.next
+        while end < len(self.units) and (
+                steps_left <= 1 or self.spent + self.units[end][2] / 2 <= target):
+            self.spent += self.units[end][2]
+            end += 1
+        while self.next < end:
+            index, row, _ = self.units[self.next]
+            stop = self.next + 1
+            while (row is not None and stop < end and self.units[stop][0] == index):
+                stop += 1
+            value = self.inputs[index]
+            if row is not None:
+                value = value[row:row + stop - self.next]
+            self.parts[index].append(self.stack.compute_roots([value], self.config)[0])
+            self.next = stop
+
+    def results(self) -> list[Any]:
+        return [_concatenated(self.parts[index]) for index in range(len(self.inputs))]
+
+
+def _concatenated(parts: list[Any]) -> Any:
+    """Row slices' results joined: every tensor field concatenated along the rows, other
+    fields (a Newton iteration count) their largest value."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    fields = {}
+    for f in dataclasses.fields(first):
+        values = [getattr(part, f.name) for part in parts]
+        fields[f.name] = (torch.cat(values) if isinstance(values[0], torch.Tensor)
+                          else max(values))
+    return type(first)(**fields)
 
 
 @dataclass
@@ -162,13 +237,18 @@ class RootScheduler:
         workers: number of worker threads (default :func:`default_root_workers`).
     """
 
-    def __init__(self, asynchronous: bool, workers: int | None = None) -> None:
-        if not isinstance(asynchronous, bool):
-            raise ValueError(f"async_roots must be True or False, got {asynchronous!r}")
+    def __init__(self, asynchronous: bool | str, workers: int | None = None) -> None:
+        if not (isinstance(asynchronous, bool) or asynchronous == "spread"):
+            raise ValueError(f"async_roots must be True, False or 'spread', got "
+                             f"{asynchronous!r}")
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
                                     or workers < 1):
             raise ValueError(f"root_workers must be an integer >= 1 or None, got {workers!r}")
-        self.asynchronous = asynchronous
+        # "spread": no workers; the delayed work is done a share per step on the
+        # training thread (the same delay defaults and trajectory as background roots).
+        self.spread = asynchronous == "spread"
+        self.mode = asynchronous
+        self.asynchronous = asynchronous is True or self.spread
         self.workers = default_root_workers() if workers is None else workers
         self._executor: ThreadPoolExecutor | None = None
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
@@ -195,7 +275,7 @@ class RootScheduler:
 
     def __getstate__(self) -> dict[str, Any]:
         # Threads, streams and locks are not state: a copy starts its own workers.
-        return {"asynchronous": self.asynchronous, "workers": self.workers}
+        return {"asynchronous": self.mode, "workers": self.workers}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["asynchronous"], state["workers"])
@@ -209,7 +289,15 @@ class RootScheduler:
         events = self.activate(stack, config, step, force=True)
         inputs = stack.root_inputs(config, step)
         pending = PendingRoots(computed_at=step, activates_at=step + delay)
-        if self.asynchronous:
+        if self.spread and delay > 0:
+            # The launch step already snapshots and installs: the work starts at the next
+            # step when there is one before the activation.
+            pending.work = SpreadWork(stack, inputs, config, max(1, delay - 1))
+            stack.pending = pending
+            if delay == 1:
+                self._advance(pending, step)
+            return events
+        if self.asynchronous and not self.spread:
             ready = None
             if stack.device.type == "cuda":
                 stream = self._streams.setdefault(stack.device,
@@ -227,7 +315,11 @@ class RootScheduler:
         """Installs the stack's pending roots if they are due at ``step`` (or whenever
         pending, with ``force``), waiting for them if they are still in flight."""
         pending = stack.pending
-        if pending is None or (pending.activates_at > step and not force):
+        if pending is None:
+            return RootEvents()
+        if pending.activates_at > step and not force:
+            if pending.work is not None:
+                self._advance(pending, step)
             return RootEvents()
         wait = self.wait(stack)
         stack.pending = None
@@ -238,6 +330,10 @@ class RootScheduler:
         """Waits until the stack's pending roots (if any) are computed; returns the
         seconds waited. A worker's exception is re-raised here, the pending work dropped."""
         pending = stack.pending
+        if pending is not None and pending.work is not None:
+            start = time.perf_counter()
+            self._advance(pending, pending.activates_at)  # all that is left
+            return time.perf_counter() - start
         if pending is None or pending.future is None:
             return 0.0
         start = time.perf_counter()
@@ -252,6 +348,16 @@ class RootScheduler:
         finally:
             pending.future = None
         return time.perf_counter() - start
+
+    @staticmethod
+    def _advance(pending: PendingRoots, step: int) -> None:
+        """Spread work: the share of ``step``, or the rest once the activation is due."""
+        work = pending.work
+        start = time.perf_counter()
+        work.advance(pending.activates_at - step)
+        pending.seconds += time.perf_counter() - start
+        if work.done:
+            pending.results, pending.work = work.results(), None
 
     def raise_failures(self, stacks: Sequence[RootWork]) -> None:
         """Re-raises a finished worker task's exception (at the next step, so an error
@@ -290,7 +396,7 @@ def pending_row(pending: PendingRoots | None, row: int) -> dict[str, Any] | None
     not be in flight: see :meth:`RootScheduler.wait`)."""
     if pending is None:
         return None
-    if pending.future is not None:
+    if pending.future is not None or pending.work is not None:
         raise RuntimeError("pending roots are still being computed; wait for them first")
 
     def take(value: Any) -> Any:

@@ -24,6 +24,10 @@ FIRST_MOMENTS = ("gradient", "direction")
 DEFAULT_FIRST_MOMENT = {"shampoo": "gradient", "eigenvalue_corrected": "gradient"}
 # The grafting method each preconditioner uses when ``grafting`` is left as None.
 DEFAULT_GRAFTING = {"shampoo": "adam", "eigenvalue_corrected": "adam"}
+# The eigenvalue-corrected bases' dtype when ``root_dtype`` is left as None: float64
+# (float32 bases moved its trajectory by 1e-2 under a change of summation order, against
+# 1e-5 with float64; a basis has no check). Classic roots keep None: see ``root_dtype``.
+DEFAULT_BASIS_DTYPE = torch.float64
 # Whether vectors get a factor when ``precondition_1d`` is left as None.
 DEFAULT_PRECONDITION_1D = {"shampoo": True, "eigenvalue_corrected": False}
 FLOAT_DTYPES = (torch.float32, torch.float64)
@@ -140,7 +144,20 @@ class ShampooConfig:
         root_method: "eigh" (symmetric eigendecomposition, the reference) or "newton"
             (coupled Newton iteration, matmul only). Default "eigh".
         root_dtype: torch.float32 or torch.float64, precision of root computations.
-            Default torch.float64.
+            With "eigh", float32 and a finite ``root_check_tolerance``, each float32
+            root is checked in float64 and recomputed in float64 where the check fails
+            (see ``root_check_tolerance``). None (the default): for "shampoo", float32
+            (checked) for eigh roots stored in float32 or narrower (float32/bfloat16
+            parameters), float64 for float64 parameters and for Newton; the check
+            costs ``O(n^2)`` and float32 eigh about half of float64's where it passes
+            (it keeps float64 accuracy where it does not, and the runs rounding-stable).
+            For "eigenvalue_corrected" None means torch.float64 (resolved here).
+        root_check_tolerance: > 0 or ``math.inf``; eigh roots in float32 only: the
+            largest relative residual ``||X^b (S + r I)^a z - z||`` (exponent ``a/b``,
+            fixed unit probes ``z``, computed in float64; about ``b`` times the root's
+            relative error) a float32 root may have; roots above it are recomputed in
+            float64 (an exponent that is no such fraction always is). ``math.inf``:
+            plain float32, unchecked. Default 1e-4.
         factor_dtype: torch.float32 or torch.float64, storage (and accumulation) of the
             factors. float32 factors carry rounding noise of ~1e-7 of their largest
             eigenvalue into their null spaces, which the root then scales up: measured
@@ -221,7 +238,8 @@ class ShampooConfig:
     grafting_beta2: float = 0.999
     grafting_epsilon: float = 1e-8
     root_method: str = "eigh"
-    root_dtype: torch.dtype = torch.float64
+    root_dtype: torch.dtype | None = None
+    root_check_tolerance: float = 1e-4
     factor_dtype: torch.dtype = torch.float64
     exponent_multiplier: float = 1.0
     nesterov: bool = False
@@ -277,8 +295,14 @@ class ShampooConfig:
                     high_open=True)
         _check_real("grafting_epsilon", self.grafting_epsilon, 0.0, math.inf, low_open=True)
         _check_choice("root_method", self.root_method, ROOT_METHODS)
-        _check_choice("root_dtype", self.root_dtype, FLOAT_DTYPES)
+        if self.root_dtype is None and self.preconditioner == "eigenvalue_corrected":
+            object.__setattr__(self, "root_dtype", DEFAULT_BASIS_DTYPE)
+        if self.root_dtype is not None:
+            _check_choice("root_dtype", self.root_dtype, FLOAT_DTYPES)
         _check_choice("factor_dtype", self.factor_dtype, FLOAT_DTYPES)
+        if self.root_check_tolerance != math.inf:
+            _check_real("root_check_tolerance", self.root_check_tolerance, 0.0, math.inf,
+                        low_open=True)
         _check_real("exponent_multiplier", self.exponent_multiplier, 0.0, math.inf,
                     low_open=True)
         _check_bool("relative_epsilon", self.relative_epsilon)

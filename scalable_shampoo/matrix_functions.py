@@ -65,20 +65,35 @@ def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def inverse_root_eigh(matrix: torch.Tensor, exponent: float, epsilon: float = 0.0,
-                      relative: bool = False) -> RootResult:
+                      relative: bool = False, out_dtype: torch.dtype | None = None
+                      ) -> RootResult:
     """``(A + epsilon I)^(-exponent)`` by symmetric eigendecomposition.
 
     Eigenvalues are clamped at 0 (rounding can make a PSD matrix's smallest ones
     slightly negative) before ``epsilon`` is added, so epsilon > 0 keeps rank-deficient
-    and zero matrices safe. ``exponent`` is any positive real number.
+    and zero matrices safe. ``exponent`` is any positive real number. With a narrower
+    ``out_dtype`` the root ``V diag(s) V^T`` is formed in it from the rounded factors
+    (half the cost of a float64 product, an error of a few ulps of ``out_dtype``: the
+    root is stored in it anyway).
     """
     _check_root_args(matrix, exponent, epsilon)
-    sym = _symmetric(matrix)
+    root, residual, _ = _eigh_root(_symmetric(matrix), exponent, epsilon, relative, out_dtype)
+    return RootResult(root, residual, 0)
+
+
+def _eigh_root(sym: torch.Tensor, exponent: float, epsilon: float, relative: bool,
+               out_dtype: torch.dtype | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | float]:
+    """:func:`inverse_root_eigh` of a symmetric batch: ``(root, residual, ridge)``."""
     values, vectors = _eigh(sym)
     values = values.clamp_min(0)
     ridge = ridge_of(values.amax(dim=-1), epsilon) if relative else epsilon
     scaled = (values + (ridge.unsqueeze(-1) if relative else ridge)).pow(-exponent)
-    root = _symmetric((vectors * scaled.unsqueeze(-2)) @ vectors.mT)
+    if out_dtype is not None and torch.finfo(out_dtype).eps > torch.finfo(sym.dtype).eps:
+        low = vectors.to(out_dtype)
+        root = _symmetric((low * scaled.to(out_dtype).unsqueeze(-2)) @ low.mT)
+    else:
+        root = _symmetric((vectors * scaled.unsqueeze(-2)) @ vectors.mT)
     # Reconstruction error on a fixed probe vector: O(n^2), where the full
     # V diag(values) V^T - A would cost another n^3 product per matrix.
     n = sym.shape[-1]
@@ -87,7 +102,117 @@ def inverse_root_eigh(matrix: torch.Tensor, exponent: float, epsilon: float = 0.
     reconstructed = vectors @ (values.unsqueeze(-1) * (vectors.mT @ probe))
     norm = torch.linalg.matrix_norm(sym).clamp_min(torch.finfo(sym.dtype).tiny)
     residual = torch.linalg.vector_norm((sym @ probe - reconstructed).squeeze(-1), dim=-1) / norm
-    return RootResult(root, residual, 0)
+    return root, residual, ridge
+
+
+def _probe(n: int, count: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(n, count)`` fixed unit probe vectors (deterministic, so that a check decides the
+    same way on every run and rank)."""
+    index = torch.arange(n, dtype=dtype, device=device).unsqueeze(-1)
+    freq = torch.arange(1, count + 1, dtype=dtype, device=device) * 1.2345
+    probe = torch.cos(index * freq + 0.5 * freq)
+    return probe / torch.linalg.vector_norm(probe, dim=0, keepdim=True)
+
+
+def check_fraction(exponent: float) -> Fraction | None:
+    """``exponent`` as ``a / b`` with ``a <= 4`` and ``b <= MAX_NEWTON_DENOMINATOR`` (the
+    powers :func:`root_residual` applies), or None."""
+    fraction = Fraction(exponent).limit_denominator(MAX_NEWTON_DENOMINATOR)
+    if abs(float(fraction) - exponent) > 1e-12 * exponent or fraction.numerator > 4:
+        return None
+    return fraction
+
+
+def root_residual(matrix: torch.Tensor, root: torch.Tensor, exponent: float,
+                  ridge: torch.Tensor | float, probes: int = 2) -> torch.Tensor:
+    """``max_z ||X^b (A + r I)^a z - z||`` over fixed unit probes ``z``, per matrix, for
+    ``X ~ (A + r I)^(-a/b)`` (``exponent = a / b``, see :func:`check_fraction`), computed
+    in ``matrix``'s dtype by matrix-vector products only (``O((a + b) n^2)``). It is 0
+    at the exact root and about ``b`` times the root's relative error along ``z``: a
+    root that is accurate for the large eigenvalues but not for the small ones (the
+    case of float32 roots of ill-conditioned factors) shows here, where the
+    reconstruction residual of the eigendecomposition does not."""
+    fraction = check_fraction(exponent)
+    if fraction is None:
+        raise ValueError(f"exponent {exponent!r} is not a/b with a <= 4 and b <= "
+                         f"{MAX_NEWTON_DENOMINATOR}")
+    dtype = matrix.dtype
+    z = _probe(matrix.shape[-1], probes, dtype, matrix.device).expand(*matrix.shape[:-1], probes)
+    r = ridge if isinstance(ridge, float) else ridge.to(dtype)[..., None, None]
+    x = root.to(dtype)
+    y = z
+    for _ in range(fraction.numerator):
+        y = matrix @ y + r * y
+    for _ in range(fraction.denominator):
+        y = x @ y
+    error = torch.linalg.vector_norm(y - z, dim=-2).amax(dim=-1)
+    return torch.where(torch.isfinite(error), error, torch.full_like(error, float("nan")))
+
+
+def inverse_root_mixed(matrix: torch.Tensor, exponent: float, epsilon: float = 0.0,
+                       relative: bool = False, tolerance: float = 1e-4,
+                       out_dtype: torch.dtype | None = None) -> RootResult:
+    """``(A + epsilon I)^(-exponent)`` by a float32 eigendecomposition, checked in
+    float64 by :func:`root_residual`; the matrices whose check exceeds ``tolerance`` (or
+    fails) are recomputed by a float64 eigendecomposition. float32 ``eigh`` costs about
+    half of float64's; its root is accurate to ~1e-6 for a well-conditioned factor but
+    off by percents along the small eigenvalues of an ill-conditioned one (an absolute
+    eigenvalue error of ~1e-7 ``lambda_max`` against a ridge of ``epsilon lambda_max``),
+    which the check catches. ``residual`` is the check for the float32 roots kept and the
+    float64 reconstruction residual for the recomputed ones. The root is returned in
+    ``out_dtype`` (default float32)."""
+    _check_root_args(matrix, exponent, epsilon)
+    out_dtype = out_dtype or torch.float32
+    n = matrix.shape[-1]
+    wide = _symmetric(matrix.to(torch.float64)).reshape(-1, n, n)
+    root = torch.empty(wide.shape, dtype=out_dtype, device=wide.device)
+    residual = torch.full(wide.shape[:1], float("nan"), dtype=torch.float64, device=wide.device)
+    # Host syncs below are on the root path only (its result is installed), not per step.
+    ok = ~surely_ill_conditioned(wide, epsilon, relative, tolerance)
+    if check_fraction(exponent) is not None and bool(ok.any()):
+        tried = ok.nonzero().squeeze(-1)
+        part = wide.index_select(0, tried)
+        low, low_residual, ridge = _eigh_root(part.to(torch.float32), exponent, epsilon,
+                                              relative, None)
+        check = root_residual(part, low, exponent, ridge if isinstance(ridge, float)
+                              else ridge.to(torch.float64))
+        root.index_copy_(0, tried, low.to(out_dtype))
+        residual.index_copy_(0, tried, torch.maximum(check, low_residual.to(torch.float64)))
+        ok = torch.zeros_like(ok).index_copy_(0, tried, check <= tolerance)
+    else:
+        ok = torch.zeros_like(ok)
+    if not bool(ok.all()):
+        rows = (~ok).nonzero().squeeze(-1)
+        again = inverse_root_eigh(wide.index_select(0, rows), exponent, epsilon, relative,
+                                  out_dtype)
+        root.index_copy_(0, rows, again.root.to(out_dtype))
+        residual.index_copy_(0, rows, again.residual.to(torch.float64))
+    return RootResult(root.reshape(matrix.shape), residual.reshape(matrix.shape[:-2]), 0)
+
+
+def surely_ill_conditioned(matrix: torch.Tensor, epsilon: float, relative: bool,
+                           tolerance: float) -> torch.Tensor:
+    """``(N,)`` whether a float32 root of each (float64, symmetric PSD) matrix would fail
+    the check at ``tolerance``, so that its float32 ``eigh`` is not worth trying: the
+    condition number of ``A + r I`` is at least ``(max_i L_ii / min_i L_ii)^2`` for its
+    Cholesky factor ``L`` (``n^3 / 3`` flops, a quarter of a float64 ``eigh`` at n = 128,
+    less for larger n; ``r`` from ``||A||_F >= lambda_max``, which only lowers the bound),
+    and a float32 root's check grows as ~``1e-6 cond`` (measured ~6e-6 at cond 9); the
+    limit is 10x above where that reaches the tolerance, so only roots that would fail
+    are sent to float64 directly (the check still decides for the others).
+    A failed factorization counts as ill conditioned."""
+    n = matrix.shape[-1]
+    if relative:
+        # ||A||_F >= lambda_max: a larger ridge, a smaller (still valid) bound
+        ridge = ridge_of(torch.linalg.matrix_norm(matrix), epsilon)[:, None, None]
+    else:
+        ridge = epsilon
+    eye = torch.eye(n, dtype=matrix.dtype, device=matrix.device)
+    chol, info = torch.linalg.cholesky_ex(matrix + ridge * eye)
+    diagonal = torch.diagonal(chol, dim1=-2, dim2=-1).abs()
+    bound = (diagonal.amax(dim=-1) / diagonal.amin(dim=-1).clamp_min(1e-300)).square()
+    limit = 10 * tolerance / (4 * torch.finfo(torch.float32).eps)
+    return (info != 0) | ~(bound <= limit)
 
 
 def ridge_of(largest: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -172,11 +297,13 @@ def inverse_root_newton(matrix: torch.Tensor, exponent: float, epsilon: float = 
 
 def inverse_root(matrix: torch.Tensor, exponent: float, epsilon: float = 0.0,
                  method: str = "eigh", max_iterations: int = 100,
-                 tolerance: float = 1e-6, relative: bool = False) -> RootResult:
+                 tolerance: float = 1e-6, relative: bool = False,
+                 out_dtype: torch.dtype | None = None) -> RootResult:
     """``(A + epsilon I)^(-exponent)`` by ``method`` ("eigh" or "newton"); with
-    ``relative``, ``(A + epsilon lambda_max(A) I)^(-exponent)``."""
+    ``relative``, ``(A + epsilon lambda_max(A) I)^(-exponent)``. ``out_dtype``: see
+    :func:`inverse_root_eigh` (Newton returns ``matrix``'s dtype)."""
     if method == "eigh":
-        return inverse_root_eigh(matrix, exponent, epsilon, relative)
+        return inverse_root_eigh(matrix, exponent, epsilon, relative, out_dtype)
     if method == "newton":
         return inverse_root_newton(matrix, exponent, epsilon, max_iterations, tolerance,
                                    relative)

@@ -34,7 +34,7 @@ from .matrix_functions import newton_fraction
 from .optimizer_state import StateDictMethods
 from .param_state import StateViews, new_step
 from .plans import ApplyPlan, Gathered, GroupPlan, build_plan, gather, stack_live, structure
-from .preconditioner import BlockStack, StackState
+from .preconditioner import BlockStack, StackState, root_dtype_of
 from .sharded import (adopt_swapped, check_placements, local_shards, sharded_steps,
                       swapped)
 from .state_dicts import block_state, load_block_state
@@ -103,11 +103,11 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
     Every hyperparameter may also be set per param group, as in ``torch.optim``. The common
     ones are below; :class:`ShampooConfig` describes all of them (the rest:
     ``statistics_frequency``, ``grafting_beta2``, ``root_method``, ``root_dtype``,
-    ``factor_dtype``, ``exponent_multiplier``, ``nesterov``, ``bias_correction``,
-    ``decoupled_weight_decay``, ``newton_max_iterations``, ``newton_tolerance``,
-    ``root_failure_threshold``, ``eigenbasis_method``, ``basis_refresh_tolerance``,
-    ``factor_beta``, ``precondition_1d``, ``relative_epsilon``, ``first_moment``) with its
-    range and default. Bad values raise a
+    ``root_check_tolerance``, ``factor_dtype``, ``exponent_multiplier``, ``nesterov``,
+    ``bias_correction``, ``decoupled_weight_decay``, ``newton_max_iterations``,
+    ``newton_tolerance``, ``root_failure_threshold``, ``eigenbasis_method``,
+    ``basis_refresh_tolerance``, ``factor_beta``, ``precondition_1d``,
+    ``relative_epsilon``, ``first_moment``) with its range and default. Bad values raise a
     ``ValueError`` or ``TypeError`` naming the argument, at construction or at the next
     ``step()`` (before anything changes).
 
@@ -154,7 +154,11 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
             steps after the statistics they were computed from, exactly as in the
             synchronous optimizer with the same ``root_delay``. Call :meth:`close` (or use
             the optimizer as a context manager) to stop the workers early; they also stop
-            when the optimizer is garbage collected. Default False.
+            when the optimizer is garbage collected. "spread": no workers; the same
+            delayed roots computed a share per step on the training thread, one matrix
+            at a time, so that no step does all of them (no threads competing for the
+            cores; the trajectory is again the synchronous one with that delay).
+            Default False.
         root_workers: worker threads for ``async_roots`` (each runs one intra-op thread).
             None: half the cores, at most 4.
         distributed: when ``torch.distributed`` is initialized (before the optimizer is
@@ -192,7 +196,8 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
                  start_preconditioning_step: int | None = None,
                  statistics_frequency: int = 1, grafting: str | None = None,
                  grafting_beta2: float = 0.999, grafting_epsilon: float = 1e-8,
-                 root_method: str = "eigh", root_dtype: torch.dtype = torch.float64,
+                 root_method: str = "eigh", root_dtype: torch.dtype | None = None,
+                 root_check_tolerance: float = 1e-4,
                  factor_dtype: torch.dtype = torch.float64, exponent_multiplier: float = 1.0,
                  nesterov: bool = False, bias_correction: bool = True,
                  decoupled_weight_decay: bool = True, newton_max_iterations: int = 100,
@@ -202,7 +207,7 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
                  adam_epsilon: float = 1e-8, root_delay: int | None = None,
                  precondition_1d: bool | None = None, relative_epsilon: bool = True,
                  first_moment: str | None = None, *,
-                 foreach: bool = True, async_roots: bool = False,
+                 foreach: bool = True, async_roots: bool | str = False,
                  root_workers: int | None = None, distributed: bool = True,
                  process_group: Any = None) -> None:
         defaults = ShampooConfig(
@@ -212,7 +217,8 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
             start_preconditioning_step=start_preconditioning_step,
             statistics_frequency=statistics_frequency, grafting=grafting,
             grafting_beta2=grafting_beta2, grafting_epsilon=grafting_epsilon,
-            root_method=root_method, root_dtype=root_dtype, factor_dtype=factor_dtype,
+            root_method=root_method, root_dtype=root_dtype,
+            root_check_tolerance=root_check_tolerance, factor_dtype=factor_dtype,
             exponent_multiplier=exponent_multiplier, nesterov=nesterov,
             bias_correction=bias_correction, decoupled_weight_decay=decoupled_weight_decay,
             newton_max_iterations=newton_max_iterations, newton_tolerance=newton_tolerance,
@@ -227,6 +233,7 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
         defaults["grafting"] = grafting
         defaults["precondition_1d"] = precondition_1d
         defaults["first_moment"] = first_moment
+        defaults["root_dtype"] = root_dtype
         if not isinstance(foreach, bool):
             raise ValueError(f"foreach must be True or False, got {foreach!r}")
         if _built_by_zero():
@@ -308,6 +315,8 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
         hyperparameters and sparse gradients are refused before anything changes, and a
         root computation that raises leaves every parameter and state as it was (see
         :mod:`.step_journal`)."""
+        if torch.compiler.is_compiling():  # torch.compile(optimizer.step): run it eagerly
+            return _eager_step(self, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -703,13 +712,29 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
     def __repr__(self) -> str:
         """As ``torch.optim``'s, with the values in effect for the hyperparameters left to
         their defaults (None): ``grafting``, ``precondition_1d``, ``first_moment``,
-        ``start_preconditioning_step``, ``root_delay``, ``factor_beta``."""
+        ``start_preconditioning_step``, ``root_delay``, ``factor_beta``, ``root_dtype``."""
         lines = [f"{type(self).__name__} ("]
         for index, group in enumerate(self.param_groups):
             lines.append(f"Parameter Group {index}")
             values = _effective_values(group, self._roots.asynchronous)
             lines += [f"    {key}: {values[key]!r}" for key in sorted(values)]
         return "\n".join(lines + [")"])
+
+
+COMPILE_WARNING = (
+    "torch.compile of Shampoo.step is not supported: the step is run eagerly (no graph, "
+    "no recompilation). Its cost is in batched matrix products and eigh, which a graph "
+    "does not speed up (traced, it took 43 s to warm up on a tiny MLP, broke the graph 13 "
+    "times and ran 2x slower than eager). Compile the model, not the optimizer step.")
+
+
+@torch.compiler.disable
+def _eager_step(optimizer: "Shampoo", closure: Callable[[], float] | None) -> float | None:
+    """``optimizer.step(closure)`` outside any graph, with a one-time warning."""
+    if not getattr(optimizer, "_warned_compile", False):
+        warnings.warn(COMPILE_WARNING, UserWarning, stacklevel=3)
+        optimizer._warned_compile = True
+    return optimizer.step(closure)
 
 
 def _effective_values(group: dict[str, Any], asynchronous: bool) -> dict[str, Any]:
@@ -724,4 +749,7 @@ def _effective_values(group: dict[str, Any], asynchronous: bool) -> dict[str, An
     values.update(grafting=config.grafting, precondition_1d=config.precondition_1d,
                   first_moment=config.first_moment, start_preconditioning_step=config.preconditioning_start,
                   root_delay=delay, factor_beta=config.factor_ema)
+    # None: per the parameters' dtype (float64 ones get float64 roots).
+    dtypes = sorted({str(root_dtype_of(config, p.dtype)) for p in group["params"]})
+    values["root_dtype"] = dtypes[0] if len(dtypes) == 1 else tuple(dtypes)
     return values

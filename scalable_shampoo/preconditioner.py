@@ -16,7 +16,7 @@ import torch
 
 from .config import ShampooConfig
 from .grafting import needs_state
-from .matrix_functions import RootResult, inverse_root
+from .matrix_functions import RootResult, inverse_root, inverse_root_mixed
 
 if TYPE_CHECKING:
     from .async_roots import PendingRoots
@@ -83,6 +83,23 @@ def precondition_reference(block: torch.Tensor, roots: dict[int, torch.Tensor]) 
         root = roots.get(dim)
         x = x.movedim(0, -1) if root is None else torch.tensordot(x, root, dims=([0], [0]))
     return x
+
+
+def root_dtype_of(config: ShampooConfig, work_dtype: torch.dtype) -> torch.dtype:
+    """``config.root_dtype``, or for None: float32 for eigh roots stored in float32 or
+    narrower (checked: :func:`checked_roots`), else float64."""
+    if config.root_dtype is not None:
+        return config.root_dtype
+    narrow = config.root_method == "eigh" and work_dtype != torch.float64
+    return torch.float32 if narrow else torch.float64
+
+
+def checked_roots(config: ShampooConfig, work_dtype: torch.dtype) -> bool:
+    """Whether roots are float32 eigendecompositions checked (and, where the check
+    fails, recomputed) in float64: eigh roots in float32 with a finite
+    ``root_check_tolerance``."""
+    return (config.root_method == "eigh" and root_dtype_of(config, work_dtype) == torch.float32
+            and config.root_check_tolerance != float("inf"))
 
 
 # ----------------------------------------------------------------------------- state
@@ -237,14 +254,21 @@ class BlockStack:
         a root computation (copies, so they may be handed to another thread)."""
         beta2 = config.factor_ema
         correction = 1.0 if beta2 == 1.0 else 1 - beta2**config.statistics_updates(step)
-        return [f.to(config.root_dtype, copy=True).div_(correction) for f in self.state.factors]
+        dtype = (torch.float64 if checked_roots(config, self.work_dtype)
+                 else root_dtype_of(config, self.work_dtype))
+        return [f.to(dtype, copy=True).div_(correction) for f in self.state.factors]
 
     def compute_roots(self, inputs: list[torch.Tensor], config: ShampooConfig) -> list[RootResult]:
-        """The inverse roots of :meth:`root_inputs`; pure, safe to run elsewhere."""
+        """The inverse roots of :meth:`root_inputs`; pure, safe to run elsewhere. Roots
+        are formed in the work dtype (they are stored in it)."""
         exponent = self.exponent(config)
+        if checked_roots(config, self.work_dtype):
+            return [inverse_root_mixed(m, exponent, config.epsilon, config.relative_epsilon,
+                                       config.root_check_tolerance, self.work_dtype)
+                    for m in inputs]
         return [inverse_root(m, exponent, config.epsilon, config.root_method,
                              config.newton_max_iterations, config.newton_tolerance,
-                             config.relative_epsilon)
+                             config.relative_epsilon, self.work_dtype)
                 for m in inputs]
 
     def install_roots(self, results: list[RootResult], config: ShampooConfig,

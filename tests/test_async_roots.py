@@ -280,7 +280,7 @@ def test_pending_rows_round_trip():
 @pytest.mark.parametrize("kwargs, regex", [
     (dict(async_roots=True, root_delay=0),
      r"root_delay must be in \[1, precondition_frequency=6\] with async_roots=True, got 0"),
-    (dict(async_roots="yes"), r"async_roots must be True or False, got 'yes'"),
+    (dict(async_roots="yes"), r"async_roots must be True, False or .spread., got .yes."),
     (dict(async_roots=True, root_workers=0), r"root_workers must be an integer >= 1"),
     (dict(async_roots=True, root_workers=1.5), r"root_workers must be an integer >= 1"),
     (dict(root_delay=7), r"root_delay must be in \[0, precondition_frequency=6\], got 7"),

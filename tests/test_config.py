@@ -164,6 +164,17 @@ ERROR_INPUTS = [
          "root_dtype-int64"),
     _row(dict(root_dtype="float64"), ValueError, r"root_dtype must be one of",
          "root_dtype-str"),
+    _row(dict(root_dtype=torch.float16, preconditioner="eigenvalue_corrected"), ValueError,
+         r"root_dtype must be one of", "root_dtype-float16-eigenvalue-corrected"),
+    # root_check_tolerance: (0, inf]
+    _row(dict(root_check_tolerance=0.0), ValueError, r"root_check_tolerance must be in \(0",
+         "root_check_tolerance-zero"),
+    _row(dict(root_check_tolerance=-1e-4), ValueError, r"root_check_tolerance must be in",
+         "root_check_tolerance-negative"),
+    _row(dict(root_check_tolerance=float("nan")), ValueError,
+         r"root_check_tolerance must be a finite", "root_check_tolerance-nan"),
+    _row(dict(root_check_tolerance="1e-4"), ValueError, r"root_check_tolerance must be a",
+         "root_check_tolerance-str"),
     _row(dict(factor_dtype=torch.bfloat16), ValueError, r"factor_dtype must be one of .*float32",
          "factor_dtype-bfloat16"),
     _row(dict(factor_dtype=torch.float16), ValueError, r"factor_dtype must be one of",
@@ -529,7 +540,7 @@ SPEC_DEFAULTS = dict(
     lr=1e-3, betas=(0.9, 0.999), epsilon=1e-6, weight_decay=0.0, block_size=1024,
     max_preconditioned_dim=8192, precondition_frequency=100, start_preconditioning_step=None,
     statistics_frequency=1, grafting="adam", grafting_beta2=0.999, grafting_epsilon=1e-8,
-    root_method="eigh", root_dtype=torch.float64, factor_dtype=torch.float64,
+    root_method="eigh", root_dtype=None, factor_dtype=torch.float64,
     exponent_multiplier=1.0, nesterov=False, bias_correction=True,
     decoupled_weight_decay=True, preconditioner="shampoo", adam_epsilon=1e-8,
     relative_epsilon=True,
@@ -544,6 +555,7 @@ def test_defaults_match_spec():
     assert config.newton_max_iterations == 100
     assert config.newton_tolerance == 1e-6
     assert config.root_failure_threshold == 0.1
+    assert config.root_check_tolerance == 1e-4  # float32 roots checked in float64
     assert config.preconditioning_start == config.precondition_frequency == 100
 
 
@@ -555,6 +567,7 @@ def test_defaults_of_the_eigenvalue_corrected_variant():
     assert (config.eigenbasis_method, config.basis_refresh_tolerance, config.factor_beta,
             config.adam_epsilon) == ("eigh", 0.0, None, 1e-8)
     assert config.factor_ema == config.betas[1] == 0.999
+    assert config.root_dtype == torch.float64  # bases in float64 (no check for them)
     assert config.precondition_1d is False and ShampooConfig().precondition_1d is True
     # The first basis at step 1 (SOAP's schedule); classic roots at precondition_frequency.
     assert config.start_preconditioning_step is None and config.preconditioning_start == 1

@@ -310,7 +310,9 @@ def test_skipped_parameter_does_not_disturb_its_stack_mates():
 def test_rejected_root_keeps_previous_root_and_is_counted(monkeypatch):
     import scalable_shampoo.preconditioner as preconditioner
     params = _three_same_shape()
-    opt = Shampoo(params, lr=0.02, precondition_frequency=2, block_size=5)
+    # float64 roots: the path through preconditioner.inverse_root, poisoned below
+    opt = Shampoo(params, lr=0.02, precondition_frequency=2, block_size=5,
+                  root_dtype=torch.float64)
     gen = torch.Generator().manual_seed(2)
     _feed(params, opt, 2, gen)
     good_root = opt.state_dict()["state"][0]["blocks"][0]["roots"][0]
@@ -388,7 +390,8 @@ def test_metrics_report_state_bytes_and_roots():
         if t is not None)
     assert m["state_bytes"] == expected_bytes
     assert m["step"] == 5 and m["root_age_max"] == 1 and m["root_seconds"] > 0
-    assert m["root_computations"] > 0 and m["root_residual_max"] < 1e-10
+    # float32 roots checked in float64: the residual is the check, below its tolerance
+    assert m["root_computations"] > 0 and m["root_residual_max"] <= 1e-4
 
 
 def test_closure_and_parameters_without_grad():
