@@ -406,10 +406,9 @@ def test_a_step_of_only_nonfinite_gradients_counts_and_warns_as_in_one_process(t
            "0.02 on rank(s) [1]"),
     ("block_size", "param group 0: block_size must be the same on every rank, got block_size "
                    "= 8 on rank(s) [0], 4 on rank(s) [1]"),
-    # The grafting, root_dtype and precondition_1d defaults follow the preconditioner.
-    ("preconditioner", "param group 0: grafting, root_dtype, preconditioner, precondition_1d "
-                       "must be the same on every rank, got grafting = 'adam' on rank(s) "
-                       "[0], 'none' on rank(s) [1]; root_dtype = None on rank(s) [0], "
+    # The root_dtype and precondition_1d defaults follow the preconditioner.
+    ("preconditioner", "param group 0: root_dtype, preconditioner, precondition_1d "
+                       "must be the same on every rank, got root_dtype = None on rank(s) [0], "
                        "torch.float64 on rank(s) [1]; preconditioner = 'shampoo' on "
                        "rank(s) [0], 'eigenvalue_corrected' on rank(s) [1]; precondition_1d"),
     ("betas", "param group 0: betas must be the same on every rank, got betas = (0.9, 0.999) "

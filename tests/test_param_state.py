@@ -175,7 +175,8 @@ def test_a_layer_unfrozen_late_gets_first_updates_of_its_own_step_count():
     late = torch.nn.Parameter(torch.randn(6, 4))
     early = torch.nn.Parameter(torch.randn(6, 4))  # same shape: the two share a stack
     options = dict(lr=0.01, betas=(0.9, 0.999), weight_decay=0.1, block_size=8,
-                   precondition_frequency=5, start_preconditioning_step=5, epsilon=1e-6)
+                   precondition_frequency=5, start_preconditioning_step=5, epsilon=1e-6,
+                   first_moment="direction")  # its first steps: Adam's without momentum, then m
     opt = Shampoo([early, late], **options)
     late.requires_grad_(False)
     gen = torch.Generator().manual_seed(2)
