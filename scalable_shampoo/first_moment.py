@@ -17,6 +17,16 @@ from .grafting import graft, graft_direction_, scaled_by_graft_state, update_gra
 from .preconditioner import BlockStack, StackState
 
 
+def _preconditioned(stack: BlockStack, state: StackState, x: torch.Tensor,
+                    grafting_direction: torch.Tensor, config: ShampooConfig) -> torch.Tensor:
+    """``P(x)`` by the stack's roots, grafted per block to ``grafting_direction`` (as it
+    is with grafting "none")."""
+    result = stack.precondition(state, x)
+    if config.grafting == "none":
+        return result
+    return graft(result, grafting_direction, inplace=True)
+
+
 def momentum_direction_(momentum: torch.Tensor | None, direction: torch.Tensor,
                         config: ShampooConfig, step: int) -> tuple[torch.Tensor, float]:
     """Momentum: ``m <- beta1 m + (1 - beta1) P``; returns ``(v, scale)`` with
@@ -59,9 +69,7 @@ def preconditioned_moment_(stack: BlockStack, state: StackState, blocks: torch.T
     direction = scaled_by_graft_state(config.grafting, numerator, state.graft, step,
                                       config.grafting_beta2, config.grafting_epsilon)
     if preconditioned:
-        result = stack.precondition(state, numerator)
-        direction = (result if config.grafting == "none"
-                     else graft(result, direction, inplace=True))
+        direction = _preconditioned(stack, state, numerator, direction, config)
     return direction, scale
 
 
@@ -76,9 +84,7 @@ def classic_direction_(stack: BlockStack, state: StackState, blocks: torch.Tenso
     direction = graft_direction_(config.grafting, blocks, state.graft, step,
                                  config.grafting_beta2, config.grafting_epsilon)
     if preconditioned:
-        result = stack.precondition(state, blocks)
-        direction = (result if config.grafting == "none"
-                     else graft(result, direction, inplace=True))
+        direction = _preconditioned(stack, state, blocks, direction, config)
     return momentum_direction_(state.momentum, direction, config, step)
 
 
