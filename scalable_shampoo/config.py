@@ -163,7 +163,9 @@ class ShampooConfig:
             eigenvalue into their null spaces, which the root then scales up: measured
             over 300 steps, float32 factors moved the trajectory by 1e-3 (eigenvalue-
             corrected) and 3e-3 (classic) under a change of summation order, float64 by
-            1e-5. Default torch.float64.
+            1e-5. Factors are symmetric and stored packed, ``d (d + 1) / 2`` entries
+            each (a ``d x d`` float64 factor takes ``4 d (d + 1)`` bytes). Default
+            torch.float64.
         exponent_multiplier: > 0; a block with k preconditioned dimensions uses the
             exponent ``exponent_multiplier / (2 k)``. Default 1.
         nesterov: Nesterov momentum. Default False.

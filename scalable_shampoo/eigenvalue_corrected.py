@@ -65,6 +65,7 @@ from .config import ShampooConfig
 from .grafting import graft, graft_direction_
 from .matrix_functions import symmetric_eigh
 from .preconditioner import BlockStack, RootRecord, StackState
+from .symmetric_packing import unpack_symmetric
 
 
 # --------------------------------------------------------------------------- kernels
@@ -253,13 +254,13 @@ class EigenvalueCorrectedStack(BlockStack):
     # ------------------------------------------------------------------- root work
     def root_inputs(self, config: ShampooConfig, step: int
                     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per factor, copies of ``(factor, basis in use, warm start)`` (in
+        """Per factor, copies of ``(factor unpacked, basis in use, warm start)`` (in
         ``root_dtype``; the flags ``(N,)`` on the CPU: the row has a basis without null
         directions, :func:`refresh_bases`): the pure input of a refresh. The factors'
         bias correction is left out: it does not change eigenvectors or drift."""
         has_basis = self.record.computed_at > 0
         state = self.state
-        return [(factor.to(config.root_dtype, copy=True), basis.to(config.root_dtype, copy=True),
+        return [(unpack_symmetric(factor, config.root_dtype), basis.to(config.root_dtype, copy=True),
                  has_basis[:, i] & ~null_directions(values, config.epsilon,
                                                     config.relative_epsilon).any(dim=-1).cpu())
                 for i, (factor, basis, values) in enumerate(zip(

@@ -17,6 +17,7 @@ import torch
 from .config import ShampooConfig
 from .grafting import needs_state
 from .matrix_functions import RootResult, inverse_root, inverse_root_mixed
+from .symmetric_packing import pack_outer_products, pack_symmetric, packed_size, unpack_symmetric
 
 if TYPE_CHECKING:
     from .async_roots import PendingRoots
@@ -31,13 +32,10 @@ def matricize(blocks: torch.Tensor, dim: int) -> torch.Tensor:
 def update_factors_(factors: Sequence[torch.Tensor], blocks: torch.Tensor,
                     dims: Sequence[int], beta2: float) -> None:
     """``S_i <- beta2 S_i + (1 - beta2) B_(i) B_(i)^T`` for each preconditioned ``dims[i]``
-    (``S_i += B_(i) B_(i)^T`` when ``beta2 == 1``); ``factors[i]`` is ``(N, d, d)``."""
+    (``S_i += B_(i) B_(i)^T`` when ``beta2 == 1``); ``factors[i]`` is ``(N, d (d + 1) / 2)``,
+    packed (:mod:`.symmetric_packing`)."""
     for factor, dim in zip(factors, dims):
-        unfolded = matricize(blocks.to(factor.dtype), dim)
-        if beta2 == 1.0:
-            factor.baddbmm_(unfolded, unfolded.mT)
-        else:
-            factor.baddbmm_(unfolded, unfolded.mT, beta=beta2, alpha=1 - beta2)
+        pack_outer_products(matricize(blocks.to(factor.dtype), dim), factor, beta2)
 
 
 def precondition(blocks: torch.Tensor, roots: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -65,11 +63,11 @@ def precondition(blocks: torch.Tensor, roots: dict[int, torch.Tensor]) -> torch.
 
 def update_factors_reference_(factors: Sequence[torch.Tensor], block: torch.Tensor,
                               dims: Sequence[int], beta2: float) -> None:
-    """One-block form of :func:`update_factors_`: ``factors[i]`` is ``(d, d)``."""
+    """One-block form of :func:`update_factors_`: ``factors[i]`` is ``(d (d + 1) / 2,)``."""
     for factor, dim in zip(factors, dims):
         other = [i for i in range(block.dim()) if i != dim]
         b = block.to(factor.dtype)
-        outer = torch.tensordot(b, b, dims=(other, other))
+        outer = pack_symmetric(torch.tensordot(b, b, dims=(other, other)))
         if beta2 == 1.0:
             factor.add_(outer)
         else:
@@ -108,7 +106,8 @@ class StackState:
     """Optimizer state of N stacked blocks of one shape.
 
     Attributes:
-        factors: per preconditioned dimension, ``(N, d, d)`` in ``factor_dtype``.
+        factors: per preconditioned dimension, ``(N, d (d + 1) / 2)`` in ``factor_dtype``:
+            the symmetric factors packed (:mod:`.symmetric_packing`).
         roots: per preconditioned dimension, ``(N, d, d)`` inverse roots in use, in the
             work dtype (identity until the first accepted root); the eigenbases in use
             for eigenvalue-corrected stacks (:mod:`.eigenvalue_corrected`).
@@ -199,7 +198,7 @@ class BlockStack:
         n = len(self.members)
         make = dict(device=self.device)
         self.state = StackState(
-            factors=[torch.zeros(n, self.block_shape[d], self.block_shape[d],
+            factors=[torch.zeros(n, packed_size(self.block_shape[d]),
                                  dtype=config.factor_dtype, **make) for d in self.dims],
             roots=[torch.eye(self.block_shape[d], dtype=self.work_dtype, **make)
                    .repeat(n, 1, 1) for d in self.dims],
@@ -250,13 +249,14 @@ class BlockStack:
 
     # ----------------------------------------------------------------------- roots
     def root_inputs(self, config: ShampooConfig, step: int) -> list[torch.Tensor]:
-        """Snapshots of the bias-corrected factors in ``root_dtype``: the pure input of
-        a root computation (copies, so they may be handed to another thread)."""
+        """Snapshots of the bias-corrected factors, unpacked, in ``root_dtype``: the
+        pure input of a root computation (copies, so they may be handed to another
+        thread)."""
         beta2 = config.factor_ema
         correction = 1.0 if beta2 == 1.0 else 1 - beta2**config.statistics_updates(step)
         dtype = (torch.float64 if checked_roots(config, self.work_dtype)
                  else root_dtype_of(config, self.work_dtype))
-        return [f.to(dtype, copy=True).div_(correction) for f in self.state.factors]
+        return [unpack_symmetric(f, dtype).div_(correction) for f in self.state.factors]
 
     def compute_roots(self, inputs: list[torch.Tensor], config: ShampooConfig) -> list[RootResult]:
         """The inverse roots of :meth:`root_inputs`; pure, safe to run elsewhere. Roots

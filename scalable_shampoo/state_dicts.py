@@ -26,12 +26,15 @@ import torch
 from .async_roots import decode_pending, encode_pending, pending_from_rows, pending_row
 from .distributed import saved_blocks
 from .preconditioner import BlockStack, StackState
+from .symmetric_packing import pack_symmetric, packed_size, unpacked_size
 
-STATE_FORMAT = "scalable_shampoo.shampoo/2"
+STATE_FORMAT = "scalable_shampoo.shampoo/3"
 # Keys by parameter and block index (strings), blocks a dict that may hold a subset.
-SHARDED_FORMAT = "scalable_shampoo.shampoo.sharded/2"
+SHARDED_FORMAT = "scalable_shampoo.shampoo.sharded/3"
 # Format 1: one step per group in every entry, pending roots as tensors in plain states.
-_OLD_FORMATS = ("scalable_shampoo.shampoo/1", "scalable_shampoo.shampoo.sharded/1")
+# Formats 1 and 2: factors full (d, d), packed on load (format 3 keeps them packed).
+_OLD_FORMATS = ("scalable_shampoo.shampoo/1", "scalable_shampoo.shampoo.sharded/1",
+                "scalable_shampoo.shampoo/2", "scalable_shampoo.shampoo.sharded/2")
 # The key of a saved param group that holds the group's step counter (not a
 # hyperparameter: load_state_dict does not copy it into the group).
 GROUP_STEP = "shampoo_step"
@@ -171,8 +174,28 @@ def _saved_block_shape(saved: dict[str, Any]) -> tuple[int, ...] | str:
             return tuple(saved[name].shape)
     factors = saved.get("factors")
     if isinstance(factors, (list, tuple)) and all(isinstance(f, torch.Tensor) for f in factors):
-        return f"factors of sizes {[f.shape[0] for f in factors]}"
+        return f"factors of sizes {[_factor_size(f) for f in factors]}"
     return "unknown"
+
+
+def _factor_size(factor: torch.Tensor) -> int | str:
+    """The ``d`` of a saved factor, packed ``(d (d + 1) / 2,)`` or full ``(d, d)``."""
+    if factor.dim() == 1:
+        try:
+            return unpacked_size(factor.shape[0])
+        except ValueError:
+            return f"{factor.shape[0]} packed entries"
+    return factor.shape[0] if factor.dim() else "a scalar"
+
+
+def _packed_factor(value: Any, entries: int) -> Any:
+    """A saved factor in the packed layout of ``entries`` entries: formats 1 and 2 saved
+    full ``(d, d)`` matrices, whose upper triangle is the packed factor (any other value
+    is returned as it is, for the shape check to name)."""
+    if (isinstance(value, torch.Tensor) and value.dim() == 2
+            and value.shape[0] == value.shape[1] and packed_size(value.shape[0]) == entries):
+        return pack_symmetric(value)
+    return value
 
 
 def load_block_state(stack: BlockStack, row: int, saved: dict[str, Any], where: str,
@@ -180,11 +203,11 @@ def load_block_state(stack: BlockStack, row: int, saved: dict[str, Any], where: 
     """Copies a :func:`block_state` entry into block ``row`` of ``stack`` (its pending
     roots excepted: see :func:`restore_blocks`); ``ValueError`` naming ``where`` and the
     field for an entry that does not fit or (with ``check_finite``) holds NaN/Inf."""
-    def put(target: torch.Tensor, value: Any, name: str) -> None:
+    def put(target: torch.Tensor, value: Any, name: str, layout: str = "") -> None:
         if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(target.shape[1:]):
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"{where}: {name} has shape {shape}, expected "
-                             f"{tuple(target.shape[1:])} (the saved block has shape "
+                             f"{tuple(target.shape[1:])}{layout} (the saved block has shape "
                              f"{_saved_block_shape(saved)}, this one {stack.block_shape})")
         if check_finite and value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise ValueError(f"{where}: {name} has NaN/Inf values")
@@ -201,7 +224,10 @@ def load_block_state(stack: BlockStack, row: int, saved: dict[str, Any], where: 
                              f"{_saved_block_shape(saved)}, this one {stack.block_shape} with "
                              f"{len(stack.dims)} preconditioned dimensions)")
     for i, (factor, root) in enumerate(zip(saved["factors"], saved["roots"])):
-        put(state.factors[i], factor, f"factor {i}")
+        entries = state.factors[i].shape[1]
+        d = unpacked_size(entries)
+        put(state.factors[i], _packed_factor(factor, entries), f"factor {i}",
+            f" or ({d}, {d}): the upper triangle of a {d}x{d} factor, packed")
         put(state.roots[i], root, f"root {i}")
     shape = (len(stack.members), *stack.block_shape)
     for name in ("graft", "momentum"):

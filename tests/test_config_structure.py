@@ -122,5 +122,5 @@ def test_default_precondition_1d_follows_each_groups_preconditioner(group, expec
     # The vector's block has a factor only when vectors are preconditioned; the matrix
     # keeps both of its factors either way.
     blocks = {index: state["blocks"] for index, state in opt.state_dict()["state"].items()}
-    assert [tuple(f.shape) for f in blocks[0][0]["factors"]] == ([(6, 6)] if expected else [])
-    assert [tuple(f.shape) for f in blocks[1][0]["factors"]] == [(4, 4), (3, 3)]
+    assert [tuple(f.shape) for f in blocks[0][0]["factors"]] == ([(21,)] if expected else [])
+    assert [tuple(f.shape) for f in blocks[1][0]["factors"]] == [(10,), (6,)]  # packed

@@ -23,6 +23,7 @@ from scalable_shampoo.async_roots import RootScheduler
 from scalable_shampoo.eigenvalue_corrected import (EigenvalueCorrectedStack, eigenbasis,
                                                    eigenvalue_order, offdiagonal_ratio,
                                                    power_qr_step, refresh_bases)
+from scalable_shampoo.symmetric_packing import unpack_symmetric
 from tests.reference import ReferenceEigenvalueCorrected, kron_all
 from tests.test_optimizer import SHAPES
 
@@ -329,7 +330,7 @@ def _one_factor_run(steps, freeze_after, tolerance, method="qr"):
         param.grad = scales @ torch.randn(4, 12, generator=gen)
         opt.step()
         bases.append(opt.state_dict()["state"][0]["blocks"][0]["roots"][0].double())
-    factor = opt.state_dict()["state"][0]["blocks"][0]["factors"][0].double()
+    factor = unpack_symmetric(opt.state_dict()["state"][0]["blocks"][0]["factors"][0].double())
     return opt, bases, factor
 
 

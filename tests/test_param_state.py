@@ -372,3 +372,65 @@ def test_a_state_dict_of_format_1_still_loads_and_resumes_bitwise():
     _train(resumed_model, resumed, 4, start=8)
     for a, b in zip(model.parameters(), resumed_model.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("preconditioner", ["shampoo", "eigenvalue_corrected"])
+def test_a_state_dict_of_format_2_with_full_factors_loads_and_resumes_bitwise(preconditioner):
+    """Format 2 saved each factor as its full ``(d, d)`` matrix; format 3 keeps the
+    packed upper triangle. Built here from a current state dict."""
+    from scalable_shampoo.symmetric_packing import unpack_symmetric
+
+    options = {**OPTIONS, "preconditioner": preconditioner}
+    model = _model()
+    opt = Shampoo(model.parameters(), **options)
+    _train(model, opt, 7)
+    saved = opt.state_dict()
+    old = {**saved, "format": "scalable_shampoo.shampoo/2",
+           "state": {key: {**entry, "blocks": [
+               {**b, "factors": [unpack_symmetric(f) for f in b["factors"]]}
+               for b in entry["blocks"]]} for key, entry in saved["state"].items()}}
+    assert any(f.dim() == 2 for e in old["state"].values() for b in e["blocks"]
+               for f in b["factors"])
+    resumed_model = copy.deepcopy(model)
+    resumed = Shampoo(resumed_model.parameters(), **options)
+    resumed.load_state_dict(old)
+    _train(model, opt, 5, start=7)
+    _train(resumed_model, resumed, 5, start=7)
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_saved_factor_of_the_wrong_size_names_both_block_shapes():
+    model = _model()
+    opt = Shampoo(model.parameters(), **OPTIONS)
+    _train(model, opt, 3)
+    saved = copy.deepcopy(opt.state_dict())
+    saved["state"][0]["blocks"][0]["factors"][0] = torch.ones(3)  # d = 2, not d = 6
+    fresh = Shampoo(_model().parameters(), **OPTIONS)
+    with pytest.raises(ValueError, match=r"factor 0 has shape \(3,\), expected \(21,\) or "
+                                         r"\(6, 6\): the upper triangle of a 6x6 factor"):
+        fresh.load_state_dict(saved)
+
+
+def _packed(d: int) -> int:
+    return d * (d + 1) // 2
+
+
+@pytest.mark.parametrize("preconditioner,expected", [
+    # two packed float64 factors, two float32 roots, the Adam graft and the momentum
+    ("shampoo", 8 * (_packed(6) + _packed(5)) + 4 * (6 * 6 + 5 * 5) + 2 * 4 * 30),
+    # the same (bases for roots), the rotated second moment, float32 eigenvalue estimates
+    ("eigenvalue_corrected",
+     8 * (_packed(6) + _packed(5)) + 4 * (6 * 6 + 5 * 5) + 3 * 4 * 30 + 4 * (6 + 5)),
+])
+def test_state_bytes_are_exact_and_factors_are_packed(preconditioner, expected):
+    """``metrics()['state_bytes']`` is the bytes of the state tensors, with the symmetric
+    factors stored as their ``d (d + 1) / 2`` upper-triangle entries."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(6, 5))
+    opt = Shampoo([weight], lr=0.01, preconditioner=preconditioner, block_size=8,
+                  start_preconditioning_step=1)
+    weight.grad = torch.randn(6, 5)
+    opt.step()
+    assert [tuple(f.shape) for f in opt.state[weight]["blocks"][0]["factors"]] == [(21,), (15,)]
+    assert opt.metrics()["state_bytes"] == expected

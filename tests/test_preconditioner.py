@@ -10,6 +10,7 @@ from scalable_shampoo.matrix_functions import RootResult
 from scalable_shampoo.preconditioner import (BlockStack, matricize, precondition,
                                              precondition_reference, update_factors_,
                                              update_factors_reference_)
+from scalable_shampoo.symmetric_packing import pack_symmetric, unpack_symmetric
 from tests.reference import kron_all, outer_along, reference_root
 
 CASES = [  # (block shape, preconditioned dims)
@@ -53,8 +54,9 @@ def test_factor_updates_match_einsum(shape, dims, beta2):
     gen = torch.Generator().manual_seed(1)
     n = 4
     start = [torch.rand(n, shape[d], shape[d], dtype=torch.float64, generator=gen) for d in dims]
-    batched = [f.clone() for f in start]
-    looped = [f.clone() for f in start]
+    start = [f + f.mT for f in start]  # factors are symmetric: stored packed
+    batched = [pack_symmetric(f) for f in start]
+    looped = [pack_symmetric(f) for f in start]
     for _ in range(3):
         blocks = torch.randn(n, *shape, dtype=torch.float64, generator=gen)
         update_factors_(batched, blocks, dims, beta2)
@@ -66,8 +68,8 @@ def test_factor_updates_match_einsum(shape, dims, beta2):
                 start[j][i] = (start[j][i] + outer if beta2 == 1.0
                                else beta2 * start[j][i] + (1 - beta2) * outer)
     for b, l, e in zip(batched, looped, start):
-        torch.testing.assert_close(b, e, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(l, e, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(unpack_symmetric(b), e, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(unpack_symmetric(l), e, rtol=1e-12, atol=1e-12)
 
 
 def test_matricize_rows_are_the_dimension():
@@ -113,7 +115,8 @@ def test_roots_are_bias_corrected_inverse_roots():
     assert stack.root_count() == 6
     for j, d in enumerate(stack.dims):
         for i in range(3):
-            expected = reference_root(stack.state.factors[j][i].double() / (1 - 0.95**5),
+            factor = unpack_symmetric(stack.state.factors[j][i].double())
+            expected = reference_root(factor / (1 - 0.95**5),
                                       0.25, 1e-6, relative=True)
             torch.testing.assert_close(stack.state.roots[j][i].double(), expected,
                                        rtol=1e-5, atol=1e-5)
