@@ -71,7 +71,7 @@ def update_factors_reference_(factors: Sequence[torch.Tensor], block: torch.Tens
         if beta2 == 1.0:
             factor.add_(outer)
         else:
-            factor.mul_(beta2).add_(outer, alpha=1 - beta2)
+            factor.lerp_(outer, 1 - beta2)
 
 
 def precondition_reference(block: torch.Tensor, roots: dict[int, torch.Tensor]) -> torch.Tensor:

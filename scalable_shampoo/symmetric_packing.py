@@ -1,16 +1,26 @@
-"""Packed storage of symmetric matrices: the upper triangle, row by row.
+"""Packed storage of symmetric matrices: ``d (d + 1) / 2`` entries instead of ``d^2``.
 
-A Kronecker factor ``S = sum_t B_t B_t^T`` is symmetric, so keeping its ``d (d + 1) / 2``
-distinct entries instead of ``d^2`` halves the largest part of the optimizer state (the
-factors are float64 by default: two of them for a matrix block take 4x the block's
-float32 bytes full, 2x packed). Factors are only read at root steps, where
-:func:`unpack_symmetric` rebuilds the full matrix once for the ``eigh`` or Newton
-solver, and written every statistics step through :func:`pack_symmetric` of the new
-outer product, so packing costs a gather per step and a scatter per root step, both
-``O(d^2)`` against the ``O(d^3)`` products around them.
+A Kronecker factor ``S = sum_t B_t B_t^T`` is symmetric, so keeping only its distinct
+entries halves the largest part of the optimizer state (the factors are float64 by
+default: two of them for a matrix block take 4x the block's float32 bytes full, 2x
+packed). Factors are read only at root steps, where :func:`unpack_symmetric` rebuilds
+the full matrix once for the ``eigh`` or Newton solver, and updated every statistics
+step by :func:`pack_outer_products`.
 
-Layout: for ``d = 3`` the packed vector is ``[s00, s01, s02, s11, s12, s22]``, the layout
-of ``torch.triu_indices(d, d)``; stacked factors are ``(N, d (d + 1) / 2)``.
+Layout (rectangular packing, after LAPACK's "rectangular full packed" format). With
+``a = d // 2`` and ``b = d - a``, split ``S = [[S11, S12], [S12^T, S22]]`` (``S11`` is
+``a x a``, ``S22`` is ``b x b``). The packed vector is ``S12`` (``a x b``, row-major)
+followed by one rectangle ``M`` that holds the upper triangles of ``S11`` and ``S22``:
+
+- ``d`` even (``a == b``): ``M`` is ``(a + 1) x a``; on and above its diagonal
+  (``r <= j``) ``M[r, j] = S11[r, j]``, below it ``M[r, j] = S22[j, r - 1]``;
+- ``d`` odd (``b == a + 1``): ``M`` is ``b x b``; on and below its diagonal
+  ``M[r, j] = S22[j, r]``, above it ``M[r, j] = S11[r, j - 1]``.
+
+Every piece is a rectangle of a full matrix, so packing and unpacking are a few strided
+copies and one ``where`` (no per-entry gather), and the update computes the three
+blocks ``S11, S12, S22`` of the outer product by three ``bmm`` (3/4 of the full
+product's flops) straight into their packed places.
 """
 
 from __future__ import annotations
@@ -19,12 +29,13 @@ import math
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["packed_size", "unpacked_size", "pack_symmetric", "unpack_symmetric",
            "pack_outer_products"]
 
-# Bound on the transient (N, d, d) outer products :func:`pack_outer_products` forms at
-# once, so packing saves memory at the peak of a step too, not only between steps.
+# Bound on the transient outer products :func:`pack_outer_products` forms at once, so
+# packing saves memory at the peak of a step too, not only between steps.
 _CHUNK_BYTES = 64 << 20
 
 
@@ -43,51 +54,82 @@ def unpacked_size(entries: int) -> int:
 
 
 @lru_cache(maxsize=64)
-def _indices(d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat indices into a row-major ``d x d`` matrix of the packed entries, and of their
-    mirror images below the diagonal (cached: one pair per size and device)."""
-    rows, cols = torch.triu_indices(d, d, device=device)
-    return rows * d + cols, cols * d + rows
+def _masks(d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For size ``d``: where ``M`` holds ``S11`` (else ``S22^T``), and the upper
+    triangles (diagonal included) of ``a x a`` and ``b x b`` (cached per size and device)."""
+    a, b = d // 2, d - d // 2
+    rows, cols = (a + 1, a) if a == b else (b, b)
+    r = torch.arange(rows, device=device)[:, None]
+    j = torch.arange(cols, device=device)[None]
+    holds_s11 = r <= j if a == b else j > r
+    return (holds_s11, torch.ones(a, a, dtype=torch.bool, device=device).triu(),
+            torch.ones(b, b, dtype=torch.bool, device=device).triu())
+
+
+def _rectangle(s11: torch.Tensor, s22: torch.Tensor) -> torch.Tensor:
+    """``M`` of the layout from the diagonal blocks ``(..., a, a)`` and ``(..., b, b)``."""
+    a, b = s11.shape[-1], s22.shape[-1]
+    holds_s11, _, _ = _masks(a + b, s11.device)
+    if a == b:
+        return torch.where(holds_s11, F.pad(s11, (0, 0, 0, 1)), F.pad(s22.mT, (0, 0, 1, 0)))
+    return torch.where(holds_s11, F.pad(s11, (1, 0, 0, 1)), s22.mT)
+
+
+def _regions(packed: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of ``packed`` ``(..., d (d + 1) / 2)`` as ``S12`` ``(..., a, b)`` and ``M``."""
+    a, b = d // 2, d - d // 2
+    shape = (a + 1, a) if a == b else (b, b)
+    return (packed[..., :a * b].unflatten(-1, (a, b)),
+            packed[..., a * b:].unflatten(-1, shape))
 
 
 def pack_symmetric(matrices: torch.Tensor) -> torch.Tensor:
-    """``(..., d, d)`` -> ``(..., d (d + 1) / 2)``: the upper triangles, row by row (a
-    new tensor). The lower triangle is not read, so for a matrix that is symmetric only
-    up to rounding the result is that of its upper triangle."""
+    """``(..., d, d)`` -> ``(..., d (d + 1) / 2)`` in the layout above (a new tensor).
+    Only the upper triangle is read, so a matrix symmetric only up to rounding packs
+    as its upper triangle."""
     d = matrices.shape[-1]
     if matrices.dim() < 2 or matrices.shape[-2] != d:
         raise ValueError(f"pack_symmetric expects square matrices, got shape "
                          f"{tuple(matrices.shape)}")
-    upper, _ = _indices(d, matrices.device)
-    return matrices.reshape(*matrices.shape[:-2], d * d).index_select(-1, upper)
+    a = d // 2
+    rectangle = _rectangle(matrices[..., :a, :a], matrices[..., a:, a:])
+    return torch.cat([matrices[..., :a, a:].flatten(-2), rectangle.flatten(-2)], dim=-1)
 
 
 def unpack_symmetric(packed: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``(..., d (d + 1) / 2)`` -> ``(..., d, d)``: the full, exactly symmetric matrices
     (a new tensor, in ``dtype`` if given: the cast is done on the packed entries)."""
     d = unpacked_size(packed.shape[-1])
-    upper, lower = _indices(d, packed.device)
+    a = d // 2
     values = packed.to(dtype) if dtype is not None else packed
-    lead = values.shape[:-1]
-    flat = values.reshape(-1, values.shape[-1])
-    full = flat.new_empty(flat.shape[0], d * d)
-    full.index_copy_(1, upper, flat)
-    full.index_copy_(1, lower, flat)  # the diagonal twice, with the same values
-    return full.reshape(*lead, d, d)
+    s12, rectangle = _regions(values, d)
+    _, upper_a, upper_b = _masks(d, packed.device)
+    if 2 * a == d:
+        s11_upper, s22_lower = rectangle[..., :a, :], rectangle[..., 1:, :]
+    else:
+        s11_upper, s22_lower = rectangle[..., :a, 1:], rectangle
+    s11 = torch.where(upper_a, s11_upper, s11_upper.mT)
+    s22 = torch.where(upper_b, s22_lower.mT, s22_lower)
+    return torch.cat([torch.cat([s11, s12], dim=-1), torch.cat([s12.mT, s22], dim=-1)],
+                     dim=-2)
 
 
 def pack_outer_products(unfolded: torch.Tensor, packed: torch.Tensor, beta: float) -> None:
     """``packed <- beta packed + (1 - beta) pack(U U^T)`` (``packed += pack(U U^T)`` when
     ``beta == 1``) for ``unfolded`` ``U`` of shape ``(N, d, m)`` and ``packed`` of shape
-    ``(N, d (d + 1) / 2)``, forming the full ``U U^T`` for a bounded number of rows at
-    a time."""
+    ``(N, d (d + 1) / 2)``: the blocks ``U_1 U_1^T``, ``U_1 U_2^T``, ``U_2 U_2^T`` of the
+    row halves ``U_1, U_2`` by three ``bmm``, for a bounded number of rows at a time."""
     n, d = unfolded.shape[0], unfolded.shape[1]
-    rows = max(1, _CHUNK_BYTES // max(1, d * d * unfolded.element_size()))
+    a = d // 2
+    rows = max(1, _CHUNK_BYTES // max(1, 2 * d * d * unfolded.element_size()))
     for start in range(0, n, rows):
         part = unfolded[start:start + rows]
-        outer = pack_symmetric(torch.bmm(part, part.mT))
-        target = packed[start:start + rows]
-        if beta == 1.0:
-            target.add_(outer)
-        else:
-            target.mul_(beta).add_(outer, alpha=1 - beta)
+        top, bottom = part[:, :a], part[:, a:]
+        s12_target, rectangle_target = _regions(packed[start:start + rows], d)
+        s12 = torch.bmm(top, bottom.mT)
+        rectangle = _rectangle(torch.bmm(top, top.mT), torch.bmm(bottom, bottom.mT))
+        for target, value in ((s12_target, s12), (rectangle_target, rectangle)):
+            if beta == 1.0:
+                target.add_(value)
+            else:
+                target.lerp_(value, 1 - beta)

@@ -27,10 +27,31 @@ def test_round_trip_is_exact(d, lead, dtype):
     assert unpacked_size(packed.shape[-1]) == d
 
 
-def test_layout_is_the_upper_triangle_row_by_row_and_ignores_the_lower():
-    full = torch.tensor([[1.0, 2.0, 3.0], [-9.0, 4.0, 5.0], [-9.0, -9.0, 6.0]])
-    assert pack_symmetric(full).tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
-    assert torch.equal(unpack_symmetric(pack_symmetric(full)), torch.triu(full) + torch.triu(full, 1).T)
+def _documented_layout(s: torch.Tensor) -> list[float]:
+    """The packed entries of one matrix, entry by entry from the module's description."""
+    d = s.shape[0]
+    a, b = d // 2, d - d // 2
+    s11, s12, s22 = s[:a, :a], s[:a, a:], s[a:, a:]
+    out = [s12[r, j].item() for r in range(a) for j in range(b)]
+    if a == b:
+        out += [(s11[r, j] if r <= j else s22[j, r - 1]).item()
+                for r in range(a + 1) for j in range(a)]
+    else:
+        out += [(s22[j, r] if r >= j else s11[r, j - 1]).item()
+                for r in range(b) for j in range(b)]
+    return out
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 4, 5, 8])
+def test_layout_is_the_documented_one_and_reads_only_the_upper_triangle(d):
+    gen = torch.Generator().manual_seed(10 + d)
+    upper = torch.randn(d, d, dtype=torch.float64, generator=gen).triu()
+    symmetric = upper + upper.triu(1).T
+    lower_noise = upper + torch.randn(d, d, dtype=torch.float64, generator=gen).tril(-1)
+    assert pack_symmetric(lower_noise).tolist() == _documented_layout(symmetric)
+    assert torch.equal(unpack_symmetric(pack_symmetric(lower_noise)), symmetric)
+    # each entry of the upper triangle exactly once (randn draws no exact zeros)
+    assert sorted(_documented_layout(symmetric)) == sorted(upper[upper != 0].tolist())
 
 
 def test_unpack_casts_to_the_requested_dtype():
