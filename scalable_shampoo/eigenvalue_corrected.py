@@ -260,7 +260,8 @@ class EigenvalueCorrectedStack(BlockStack):
         bias correction is left out: it does not change eigenvectors or drift."""
         has_basis = self.record.computed_at > 0
         state = self.state
-        return [(unpack_symmetric(factor, config.root_dtype), basis.to(config.root_dtype, copy=True),
+        return [(unpack_symmetric(factor, config.root_dtype),
+                 basis.to(config.root_dtype, copy=True),
                  has_basis[:, i] & ~null_directions(values, config.epsilon,
                                                     config.relative_epsilon).any(dim=-1).cpu())
                 for i, (factor, basis, values) in enumerate(zip(
