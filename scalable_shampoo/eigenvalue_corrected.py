@@ -240,6 +240,11 @@ class EigenvalueCorrectedStack(BlockStack):
             torch.zeros(len(self.members), self.block_shape[d], dtype=self.work_dtype,
                         device=self.device) for d in self.dims]
 
+    def identity_root(self, size: int) -> torch.Tensor:
+        """The basis before the first refresh: the identity, full (a basis is not
+        symmetric, so it is not packed)."""
+        return torch.eye(size, dtype=self.work_dtype, device=self.device)
+
     def extra_state(self) -> dict[str, torch.Tensor]:
         return {"second_moment": self.state.second_moment,
                 "basis_refreshes": self.record.refreshes,

@@ -151,7 +151,8 @@ def root_residual(matrix: torch.Tensor, root: torch.Tensor, exponent: float,
 
 def inverse_root_mixed(matrix: torch.Tensor, exponent: float, epsilon: float = 0.0,
                        relative: bool = False, tolerance: float = 1e-4,
-                       out_dtype: torch.dtype | None = None) -> RootResult:
+                       out_dtype: torch.dtype | None = None,
+                       symmetric_input: bool = False) -> RootResult:
     """``(A + epsilon I)^(-exponent)`` by a float32 eigendecomposition, checked in
     float64 by :func:`root_residual`; the matrices whose check exceeds ``tolerance`` (or
     fails) are recomputed by a float64 eigendecomposition. float32 ``eigh`` costs about
@@ -160,11 +161,14 @@ def inverse_root_mixed(matrix: torch.Tensor, exponent: float, epsilon: float = 0
     eigenvalue error of ~1e-7 ``lambda_max`` against a ridge of ``epsilon lambda_max``),
     which the check catches. ``residual`` is the check for the float32 roots kept and the
     float64 reconstruction residual for the recomputed ones. The root is returned in
-    ``out_dtype`` (default float32)."""
+    ``out_dtype`` (default float32). ``symmetric_input``: the matrices are exactly
+    symmetric (unpacked factors are), so their symmetric part is not formed (a float64
+    pass that costs ~15% of a float32 ``eigh`` at n = 512)."""
     _check_root_args(matrix, exponent, epsilon)
     out_dtype = out_dtype or torch.float32
     n = matrix.shape[-1]
-    wide = _symmetric(matrix.to(torch.float64)).reshape(-1, n, n)
+    wide = matrix.to(torch.float64)
+    wide = (wide if symmetric_input else _symmetric(wide)).reshape(-1, n, n)
     root = torch.empty(wide.shape, dtype=out_dtype, device=wide.device)
     residual = torch.full(wide.shape[:1], float("nan"), dtype=torch.float64, device=wide.device)
     # Host syncs below are on the root path only (its result is installed), not per step.
@@ -183,10 +187,10 @@ def inverse_root_mixed(matrix: torch.Tensor, exponent: float, epsilon: float = 0
         ok = torch.zeros_like(ok)
     if not bool(ok.all()):
         rows = (~ok).nonzero().squeeze(-1)
-        again = inverse_root_eigh(wide.index_select(0, rows), exponent, epsilon, relative,
-                                  out_dtype)
-        root.index_copy_(0, rows, again.root.to(out_dtype))
-        residual.index_copy_(0, rows, again.residual.to(torch.float64))
+        again, again_residual, _ = _eigh_root(wide.index_select(0, rows), exponent, epsilon,
+                                              relative, out_dtype)
+        root.index_copy_(0, rows, again.to(out_dtype))
+        residual.index_copy_(0, rows, again_residual)
     return RootResult(root.reshape(matrix.shape), residual.reshape(matrix.shape[:-2]), 0)
 
 
@@ -195,21 +199,24 @@ def surely_ill_conditioned(matrix: torch.Tensor, epsilon: float, relative: bool,
     """``(N,)`` whether a float32 root of each (float64, symmetric PSD) matrix would fail
     the check at ``tolerance``, so that its float32 ``eigh`` is not worth trying: the
     condition number of ``A + r I`` is at least ``(max_i L_ii / min_i L_ii)^2`` for its
-    Cholesky factor ``L`` (``n^3 / 3`` flops, a quarter of a float64 ``eigh`` at n = 128,
-    less for larger n; ``r`` from ``||A||_F >= lambda_max``, which only lowers the bound),
-    and a float32 root's check grows as ~``1e-6 cond`` (measured ~6e-6 at cond 9); the
-    limit is 10x above where that reaches the tolerance, so only roots that would fail
-    are sent to float64 directly (the check still decides for the others).
-    A failed factorization counts as ill conditioned."""
-    n = matrix.shape[-1]
+    Cholesky factor ``L`` (``r`` from ``||A||_F >= lambda_max``, which only lowers the
+    bound), and a float32 root's check grows as ~``1e-6 cond`` (measured ~6e-6 at cond
+    9); the limit is 10x above where that reaches the tolerance, so only roots that would
+    fail are sent to float64 directly (the check still decides for the others). The
+    Cholesky factorization runs in float32 (``n^3 / 3`` flops, an eighth of a float32
+    ``eigh`` at n = 512): the bound needs about one digit at the limit (``cond`` ~2e3),
+    and a factorization that fails, as float32's does from ``cond`` ~1e7, counts as ill
+    conditioned."""
     if relative:
         # ||A||_F >= lambda_max: a larger ridge, a smaller (still valid) bound
-        ridge = ridge_of(torch.linalg.matrix_norm(matrix), epsilon)[:, None, None]
+        ridge = ridge_of(torch.linalg.matrix_norm(matrix), epsilon)[:, None]
     else:
-        ridge = epsilon
-    eye = torch.eye(n, dtype=matrix.dtype, device=matrix.device)
-    chol, info = torch.linalg.cholesky_ex(matrix + ridge * eye)
-    diagonal = torch.diagonal(chol, dim1=-2, dim2=-1).abs()
+        ridge = torch.full((matrix.shape[0], 1), epsilon, dtype=matrix.dtype,
+                           device=matrix.device)
+    shifted = matrix.to(torch.float32, copy=True)
+    shifted.diagonal(dim1=-2, dim2=-1).add_(ridge.to(torch.float32))
+    chol, info = torch.linalg.cholesky_ex(shifted)
+    diagonal = torch.diagonal(chol, dim1=-2, dim2=-1).abs().to(torch.float64)
     bound = (diagonal.amax(dim=-1) / diagonal.amin(dim=-1).clamp_min(1e-300)).square()
     limit = 10 * tolerance / (4 * torch.finfo(torch.float32).eps)
     return (info != 0) | ~(bound <= limit)

@@ -9,8 +9,8 @@ nothing is copied per step::
     optimizer.state[p] = {
         "step": tensor(t),      # float32, CPU: the steps this parameter was updated
         "blocks": {b: {         # b: block index; with data parallelism only
-            "factors": [...],   #    the blocks this rank owns
-            "roots": [...],     # views of the block's rows of its stack
+            "factors": [...],   #    the blocks this rank owns; views of the block's
+            "roots": [...],     #    rows of its stack (symmetric: packed, d (d + 1) / 2)
             "graft": ...,       # (present once allocated)
             "momentum": ...,
             "second_moment": ...,  # eigenvalue-corrected blocks

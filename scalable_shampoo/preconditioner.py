@@ -9,7 +9,7 @@ dimension); the optimizer's for-loop mode runs them, and tests compare the two.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, ClassVar, Sequence
 
 import torch
@@ -21,6 +21,10 @@ from .symmetric_packing import pack_outer_products, pack_symmetric, packed_size,
 
 if TYPE_CHECKING:
     from .async_roots import PendingRoots
+
+
+# Bound on the roots unpacked at once for a step's products (they are stored packed).
+UNPACKED_ROOT_BYTES = 64 << 20
 
 
 # --------------------------------------------------------------------------- kernels
@@ -108,9 +112,11 @@ class StackState:
     Attributes:
         factors: per preconditioned dimension, ``(N, d (d + 1) / 2)`` in ``factor_dtype``:
             the symmetric factors packed (:mod:`.symmetric_packing`).
-        roots: per preconditioned dimension, ``(N, d, d)`` inverse roots in use, in the
-            work dtype (identity until the first accepted root); the eigenbases in use
-            for eigenvalue-corrected stacks (:mod:`.eigenvalue_corrected`).
+        roots: per preconditioned dimension, ``(N, d (d + 1) / 2)`` the inverse roots in
+            use, symmetric and packed like the factors, in the work dtype (identity
+            until the first accepted root); for eigenvalue-corrected stacks the
+            eigenbases in use, ``(N, d, d)`` (not symmetric: kept full;
+            :mod:`.eigenvalue_corrected`).
         graft: ``(N, *shape)`` grafting accumulator, or None.
         momentum: ``(N, *shape)`` first moment of the update, or None (eigenvalue-
             corrected stacks: of the gradient, kept in the rotated space).
@@ -200,13 +206,22 @@ class BlockStack:
         self.state = StackState(
             factors=[torch.zeros(n, packed_size(self.block_shape[d]),
                                  dtype=config.factor_dtype, **make) for d in self.dims],
-            roots=[torch.eye(self.block_shape[d], dtype=self.work_dtype, **make)
-                   .repeat(n, 1, 1) for d in self.dims],
+            roots=[self._identity_rows(n, self.block_shape[d])
+                   for d in self.dims],
             graft=None, momentum=None)
         k = len(self.dims)
         self.record = RootRecord(torch.zeros(n, k, dtype=torch.int64),
                                  torch.zeros(n, k, dtype=torch.float64),
                                  torch.zeros(n, k, dtype=torch.int64))
+
+    def identity_root(self, size: int) -> torch.Tensor:
+        """The root of a ``size`` dimension before the first one is computed: the
+        identity, packed."""
+        return pack_symmetric(torch.eye(size, dtype=self.work_dtype, device=self.device))
+
+    def _identity_rows(self, n: int, size: int) -> torch.Tensor:
+        root = self.identity_root(size)
+        return root.expand(n, *root.shape).clone()
 
     def ensure_buffers(self, config: ShampooConfig) -> None:
         """Allocates the grafting and momentum buffers the configuration needs."""
@@ -230,7 +245,15 @@ class BlockStack:
                                           self.dims, beta2)
 
     def precondition(self, state: StackState, blocks: torch.Tensor) -> torch.Tensor:
-        return self.multiply(blocks, state.roots)
+        """``B x_i Q_i`` for the rows of ``state``: the packed roots are unpacked for the
+        product (a transient copy, a bounded number of rows at a time)."""
+        n = blocks.shape[0]
+        row_bytes = sum(self.block_shape[d] ** 2 for d in self.dims) * blocks.element_size()
+        rows = max(1, UNPACKED_ROOT_BYTES // max(1, row_bytes))
+        parts = [self.multiply(blocks[start:start + rows],
+                               [unpack_symmetric(root[start:start + rows]) for root in state.roots])
+                 for start in range(0, n, rows)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def multiply(self, blocks: torch.Tensor, matrices: Sequence[torch.Tensor]) -> torch.Tensor:
         """:func:`precondition` of ``blocks`` by ``matrices[i]`` ``(N, d, d)`` along each
@@ -259,17 +282,21 @@ class BlockStack:
         return [unpack_symmetric(f, dtype).div_(correction) for f in self.state.factors]
 
     def compute_roots(self, inputs: list[torch.Tensor], config: ShampooConfig) -> list[RootResult]:
-        """The inverse roots of :meth:`root_inputs`; pure, safe to run elsewhere. Roots
-        are formed in the work dtype (they are stored in it)."""
+        """The inverse roots of :meth:`root_inputs`, packed; pure, safe to run elsewhere.
+        Roots are formed in the work dtype (they are stored in it)."""
         exponent = self.exponent(config)
         if checked_roots(config, self.work_dtype):
-            return [inverse_root_mixed(m, exponent, config.epsilon, config.relative_epsilon,
-                                       config.root_check_tolerance, self.work_dtype)
-                    for m in inputs]
-        return [inverse_root(m, exponent, config.epsilon, config.root_method,
-                             config.newton_max_iterations, config.newton_tolerance,
-                             config.relative_epsilon, self.work_dtype)
-                for m in inputs]
+            results = [inverse_root_mixed(m, exponent, config.epsilon, config.relative_epsilon,
+                                          config.root_check_tolerance, self.work_dtype,
+                                          symmetric_input=True)
+                       for m in inputs]
+        else:
+            results = [inverse_root(m, exponent, config.epsilon, config.root_method,
+                                    config.newton_max_iterations, config.newton_tolerance,
+                                    config.relative_epsilon, self.work_dtype)
+                       for m in inputs]
+        # Packed here, where the work runs: half the bytes back from a background worker.
+        return [replace(r, root=pack_symmetric(r.root)) for r in results]
 
     def install_roots(self, results: list[RootResult], config: ShampooConfig,
                       computed_at: int) -> int:
@@ -279,16 +306,18 @@ class BlockStack:
         then pinned: the copy to the device does not block."""
         rejected = 0
         for i, (result, roots) in enumerate(zip(results, self.state.roots)):
+            # Full roots come only from checkpoints of format <= 3 (pending roots).
+            root = pack_symmetric(result.root) if result.root.dim() == 3 else result.root
             # Decided where the result lives (the host, for background work: no device
             # sync), after the cast to the work dtype: a float64 root may overflow it.
-            finite = torch.isfinite(result.root.to(roots.dtype)).flatten(1).all(dim=1)
+            finite = torch.isfinite(root.to(roots.dtype)).all(dim=1)
             ok = finite & (result.residual <= config.root_failure_threshold)
             ok_cpu = ok.cpu()
-            new = result.root.to(roots.device, non_blocking=True)
+            new = root.to(roots.device, non_blocking=True)
             if bool(ok_cpu.all()):
                 roots.copy_(new)
             elif bool(ok_cpu.any()):
-                keep = ok.to(roots.device, non_blocking=True).view(-1, 1, 1)
+                keep = ok.to(roots.device, non_blocking=True).view(-1, 1)
                 roots.copy_(torch.where(keep, new, roots))
             self.record.computed_at[:, i].masked_fill_(ok_cpu, computed_at)
             self.record.residual[:, i] = torch.where(

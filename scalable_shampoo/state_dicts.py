@@ -28,13 +28,14 @@ from .distributed import saved_blocks
 from .preconditioner import BlockStack, StackState
 from .symmetric_packing import pack_symmetric, packed_size, unpacked_size
 
-STATE_FORMAT = "scalable_shampoo.shampoo/3"
+STATE_FORMAT = "scalable_shampoo.shampoo/4"
 # Keys by parameter and block index (strings), blocks a dict that may hold a subset.
-SHARDED_FORMAT = "scalable_shampoo.shampoo.sharded/3"
+SHARDED_FORMAT = "scalable_shampoo.shampoo.sharded/4"
 # Format 1: one step per group in every entry, pending roots as tensors in plain states.
 # Formats 1 and 2: factors full (d, d), packed on load (format 3 keeps them packed).
-_OLD_FORMATS = ("scalable_shampoo.shampoo/1", "scalable_shampoo.shampoo.sharded/1",
-                "scalable_shampoo.shampoo/2", "scalable_shampoo.shampoo.sharded/2")
+# Formats 1 to 3: inverse roots full (d, d), packed on load (format 4 keeps them packed).
+_OLD_FORMATS = tuple(f"scalable_shampoo.shampoo{kind}/{n}" for n in (1, 2, 3)
+                     for kind in ("", ".sharded"))
 # The key of a saved param group that holds the group's step counter (not a
 # hyperparameter: load_state_dict does not copy it into the group).
 GROUP_STEP = "shampoo_step"
@@ -188,12 +189,14 @@ def _factor_size(factor: torch.Tensor) -> int | str:
     return factor.shape[0] if factor.dim() else "a scalar"
 
 
-def _packed_factor(value: Any, entries: int) -> Any:
-    """A saved factor in the packed layout of ``entries`` entries: formats 1 and 2 saved
-    full ``(d, d)`` matrices, whose upper triangle is the packed factor (any other value
-    is returned as it is, for the shape check to name)."""
-    if (isinstance(value, torch.Tensor) and value.dim() == 2
-            and value.shape[0] == value.shape[1] and packed_size(value.shape[0]) == entries):
+def _packed(value: Any, target: torch.Tensor) -> Any:
+    """A saved symmetric matrix in the layout of ``target`` ``(N, ...)``: formats 1 and 2
+    saved full ``(d, d)`` factors, formats 1 to 3 full roots, whose upper triangle is
+    the packed one where ``target`` is packed ``(N, d (d + 1) / 2)`` (any other value is
+    returned as it is, for the shape check to name)."""
+    if (isinstance(value, torch.Tensor) and value.dim() == 2 and target.dim() == 2
+            and value.shape[0] == value.shape[1]
+            and packed_size(value.shape[0]) == target.shape[1]):
         return pack_symmetric(value)
     return value
 
@@ -224,11 +227,12 @@ def load_block_state(stack: BlockStack, row: int, saved: dict[str, Any], where: 
                              f"{_saved_block_shape(saved)}, this one {stack.block_shape} with "
                              f"{len(stack.dims)} preconditioned dimensions)")
     for i, (factor, root) in enumerate(zip(saved["factors"], saved["roots"])):
-        entries = state.factors[i].shape[1]
-        d = unpacked_size(entries)
-        put(state.factors[i], _packed_factor(factor, entries), f"factor {i}",
-            f" or ({d}, {d}): the upper triangle of a {d}x{d} factor, packed")
-        put(state.roots[i], root, f"root {i}")
+        d = unpacked_size(state.factors[i].shape[1])
+        for name, value, target in (("factor", factor, state.factors[i]),
+                                    ("root", root, state.roots[i])):
+            packed = f" or ({d}, {d}): the upper triangle of a {d}x{d} {name}, packed"
+            put(target, _packed(value, target), f"{name} {i}",
+                packed if target.dim() == 2 else "")
     shape = (len(stack.members), *stack.block_shape)
     for name in ("graft", "momentum"):
         if saved[name] is not None:

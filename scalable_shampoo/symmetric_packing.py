@@ -17,10 +17,13 @@ followed by one rectangle ``M`` that holds the upper triangles of ``S11`` and ``
 - ``d`` odd (``b == a + 1``): ``M`` is ``b x b``; on and below its diagonal
   ``M[r, j] = S22[j, r]``, above it ``M[r, j] = S11[r, j - 1]``.
 
-Every piece is a rectangle of a full matrix, so packing and unpacking are a few strided
-copies and one ``where`` (no per-entry gather), and the update computes the three
-blocks ``S11, S12, S22`` of the outer product by three ``bmm`` (3/4 of the full
-product's flops) straight into their packed places.
+Every piece is a rectangle of a full matrix, so packing is a few strided copies and one
+``where``, and the update computes the three blocks ``S11, S12, S22`` of the outer
+product by three ``bmm`` (3/4 of the full product's flops) straight into their packed
+places. Unpacking is one gather (``index_select``) through a cached index of the full
+matrix's entries into the packed vector (``d^2`` int32 per size and device): a single
+pass over the output, 0.4-0.7x the cost of the strided copies it replaced, which
+matters because the inverse roots are stored packed too and unpacked every step.
 """
 
 from __future__ import annotations
@@ -54,22 +57,20 @@ def unpacked_size(entries: int) -> int:
 
 
 @lru_cache(maxsize=64)
-def _masks(d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For size ``d``: where ``M`` holds ``S11`` (else ``S22^T``), and the upper
-    triangles (diagonal included) of ``a x a`` and ``b x b`` (cached per size and device)."""
+def _holds_s11(d: int, device: torch.device) -> torch.Tensor:
+    """For size ``d``: where ``M`` holds ``S11`` (else ``S22^T``), cached per size and
+    device."""
     a, b = d // 2, d - d // 2
     rows, cols = (a + 1, a) if a == b else (b, b)
     r = torch.arange(rows, device=device)[:, None]
     j = torch.arange(cols, device=device)[None]
-    holds_s11 = r <= j if a == b else j > r
-    return (holds_s11, torch.ones(a, a, dtype=torch.bool, device=device).triu(),
-            torch.ones(b, b, dtype=torch.bool, device=device).triu())
+    return r <= j if a == b else j > r
 
 
 def _rectangle(s11: torch.Tensor, s22: torch.Tensor) -> torch.Tensor:
     """``M`` of the layout from the diagonal blocks ``(..., a, a)`` and ``(..., b, b)``."""
     a, b = s11.shape[-1], s22.shape[-1]
-    holds_s11, _, _ = _masks(a + b, s11.device)
+    holds_s11 = _holds_s11(a + b, s11.device)
     if a == b:
         return torch.where(holds_s11, F.pad(s11, (0, 0, 0, 1)), F.pad(s22.mT, (0, 0, 1, 0)))
     return torch.where(holds_s11, F.pad(s11, (1, 0, 0, 1)), s22.mT)
@@ -96,22 +97,27 @@ def pack_symmetric(matrices: torch.Tensor) -> torch.Tensor:
     return torch.cat([matrices[..., :a, a:].flatten(-2), rectangle.flatten(-2)], dim=-1)
 
 
+@lru_cache(maxsize=16)
+def _unpack_index(d: int, device: torch.device) -> torch.Tensor:
+    """``(d * d,)``: for each entry ``(i, j)`` of a full ``d x d`` matrix (row-major), its
+    position in the packed vector (that of ``(j, i)`` below the diagonal). int32 while
+    the positions fit (``index_select`` takes it; half the memory of int64)."""
+    flat = torch.arange(d * d, dtype=torch.int64, device=device).view(d, d)
+    packed_of = pack_symmetric(flat)  # the full-matrix entry each packed place holds
+    position = torch.empty(d * d, dtype=torch.int64, device=device)
+    position[packed_of] = torch.arange(packed_of.numel(), dtype=torch.int64, device=device)
+    position = position.view(d, d)
+    upper = torch.ones(d, d, dtype=torch.bool, device=device).triu()
+    index = torch.where(upper, position, position.mT).reshape(-1)
+    return index.to(torch.int32) if packed_size(d) < 2**31 else index
+
+
 def unpack_symmetric(packed: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``(..., d (d + 1) / 2)`` -> ``(..., d, d)``: the full, exactly symmetric matrices
     (a new tensor, in ``dtype`` if given: the cast is done on the packed entries)."""
     d = unpacked_size(packed.shape[-1])
-    a = d // 2
     values = packed.to(dtype) if dtype is not None else packed
-    s12, rectangle = _regions(values, d)
-    _, upper_a, upper_b = _masks(d, packed.device)
-    if 2 * a == d:
-        s11_upper, s22_lower = rectangle[..., :a, :], rectangle[..., 1:, :]
-    else:
-        s11_upper, s22_lower = rectangle[..., :a, 1:], rectangle
-    s11 = torch.where(upper_a, s11_upper, s11_upper.mT)
-    s22 = torch.where(upper_b, s22_lower.mT, s22_lower)
-    return torch.cat([torch.cat([s11, s12], dim=-1), torch.cat([s12.mT, s22], dim=-1)],
-                     dim=-2)
+    return values.index_select(-1, _unpack_index(d, packed.device)).unflatten(-1, (d, d))
 
 
 def pack_outer_products(unfolded: torch.Tensor, packed: torch.Tensor, beta: float) -> None:

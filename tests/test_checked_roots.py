@@ -122,6 +122,18 @@ def test_optimizer_with_checked_float32_roots_tracks_float64_roots():
     assert 1e-9 < residuals[torch.float32] <= TOLERANCE and residuals[torch.float64] < 1e-12
 
 
+def test_symmetric_input_skips_only_the_symmetrization():
+    """With ``symmetric_input`` (unpacked factors: exactly symmetric) the roots, float32
+    and float64 ones alike, equal those computed from the symmetric part."""
+    a, _ = batch(48, [1.0, 1e8, 30.0], seed=9)
+    a = a.triu() + a.triu(1).mT  # exactly symmetric
+    plain = inverse_root_mixed(a, 0.25, 1e-6, relative=True, tolerance=TOLERANCE)
+    trusted = inverse_root_mixed(a, 0.25, 1e-6, relative=True, tolerance=TOLERANCE,
+                                 symmetric_input=True)
+    assert torch.equal(plain.root, trusted.root)
+    assert torch.equal(plain.residual, trusted.residual)
+
+
 def test_surely_ill_conditioned_factors_skip_the_float32_eigh(monkeypatch):
     import scalable_shampoo.matrix_functions as mf
     calls = []

@@ -400,6 +400,43 @@ def test_a_state_dict_of_format_2_with_full_factors_loads_and_resumes_bitwise(pr
         assert torch.equal(a, b)
 
 
+def test_a_state_dict_of_format_3_with_full_roots_loads_and_resumes_bitwise():
+    """Format 3 saved each inverse root, and each pending (computed, not yet in use)
+    root, as its full ``(d, d)`` matrix; format 4 keeps the packed upper triangle.
+    Built here from a current state dict, with roots pending."""
+    from scalable_shampoo.async_roots import decode_pending, encode_pending
+    from scalable_shampoo.symmetric_packing import unpack_symmetric
+
+    def full_pending(value):
+        entry = decode_pending(value)
+        if entry is not None:
+            entry["results"] = [{**r, "root": unpack_symmetric(r["root"])}
+                                for r in entry["results"]]
+        return encode_pending(entry)
+
+    options = {**OPTIONS, "root_delay": 2}
+    model = _model()
+    opt = Shampoo(model.parameters(), **options)
+    _train(model, opt, 8)  # roots in use from step 6, and launched at 8 for step 10
+    saved = opt.state_dict()
+    old = {**saved, "format": "scalable_shampoo.shampoo/3",
+           "state": {key: {**entry, "blocks": [
+               {**b, "roots": [unpack_symmetric(r) for r in b["roots"]],
+                "pending_roots": full_pending(b["pending_roots"])}
+               for b in entry["blocks"]]} for key, entry in saved["state"].items()}}
+    blocks = [b for e in old["state"].values() for b in e["blocks"] if b["roots"]]
+    assert blocks and all(r.dim() == 2 for b in blocks for r in b["roots"])
+    assert any(decode_pending(b["pending_roots"]) is not None for b in blocks)
+    resumed_model = copy.deepcopy(model)
+    resumed = Shampoo(resumed_model.parameters(), **options)
+    resumed.load_state_dict(old)
+    assert resumed.state_dict()["format"] == "scalable_shampoo.shampoo/4"
+    _train(model, opt, 5, start=8)
+    _train(resumed_model, resumed, 5, start=8)
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_a_saved_factor_of_the_wrong_size_names_both_block_shapes():
     model = _model()
     opt = Shampoo(model.parameters(), **OPTIONS)
@@ -417,20 +454,37 @@ def _packed(d: int) -> int:
 
 
 @pytest.mark.parametrize("preconditioner,expected", [
-    # two packed float64 factors, two float32 roots, the Adam graft and the momentum
-    ("shampoo", 8 * (_packed(6) + _packed(5)) + 4 * (6 * 6 + 5 * 5) + 2 * 4 * 30),
-    # the same (bases for roots), the rotated second moment, float32 eigenvalue estimates
+    # two packed float64 factors, two packed float32 roots, the Adam graft, the momentum
+    ("shampoo", 8 * (_packed(6) + _packed(5)) + 4 * (_packed(6) + _packed(5)) + 2 * 4 * 30),
+    # the same with full bases for roots, the rotated second moment, float32 eigenvalue
+    # estimates
     ("eigenvalue_corrected",
      8 * (_packed(6) + _packed(5)) + 4 * (6 * 6 + 5 * 5) + 3 * 4 * 30 + 4 * (6 + 5)),
 ])
 def test_state_bytes_are_exact_and_factors_are_packed(preconditioner, expected):
     """``metrics()['state_bytes']`` is the bytes of the state tensors, with the symmetric
-    factors stored as their ``d (d + 1) / 2`` upper-triangle entries."""
+    factors and roots stored as their ``d (d + 1) / 2`` upper-triangle entries."""
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(6, 5))
     opt = Shampoo([weight], lr=0.01, preconditioner=preconditioner, block_size=8,
                   start_preconditioning_step=1)
     weight.grad = torch.randn(6, 5)
     opt.step()
-    assert [tuple(f.shape) for f in opt.state[weight]["blocks"][0]["factors"]] == [(21,), (15,)]
+    block = opt.state[weight]["blocks"][0]
+    assert [tuple(f.shape) for f in block["factors"]] == [(21,), (15,)]
+    roots = [(21,), (15,)] if preconditioner == "shampoo" else [(6, 6), (5, 5)]
+    assert [tuple(r.shape) for r in block["roots"]] == roots
     assert opt.metrics()["state_bytes"] == expected
+
+
+@pytest.mark.parametrize("factor_dtype,ratio", [(torch.float32, 4), (torch.float64, 5)])
+def test_classic_state_is_four_or_five_times_the_parameters(factor_dtype, ratio):
+    """Packed factors (1x in float32, 2x in float64) and packed float32 roots (1x), the
+    Adam graft and the momentum (1x each), for a square ``d x d`` block: the packed part
+    ``ratio - 2`` grows by its diagonal, ``(1 + 1/d)``."""
+    d = 32
+    weight = torch.nn.Parameter(torch.randn(d, d))
+    opt = Shampoo([weight], lr=0.01, block_size=d, factor_dtype=factor_dtype)
+    weight.grad = torch.randn(d, d)
+    opt.step()
+    assert opt.metrics()["state_bytes"] / (4 * d * d) == pytest.approx(2 + (ratio - 2) * (1 + 1 / d))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from scalable_shampoo import preconditioner
 from scalable_shampoo.config import ShampooConfig
 from scalable_shampoo.matrix_functions import RootResult
 from scalable_shampoo.preconditioner import (BlockStack, matricize, precondition,
@@ -46,6 +47,32 @@ def test_precondition_matches_kronecker_product(shape, dims):
         torch.testing.assert_close(batched[i], expected, rtol=1e-12, atol=1e-12)
         one = precondition_reference(blocks[i], {d: r[i] for d, r in roots.items()})
         torch.testing.assert_close(one, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 64 << 20])  # a row at a time, all at once
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("shape,dims", [c for c in CASES if c[1]])
+def test_stack_precondition_uses_the_packed_roots(shape, dims, batched, chunk_bytes,
+                                                  monkeypatch):
+    """The stack stores its roots packed and unpacks them for the product, in bounded
+    chunks of rows: the result is the explicit Kronecker product of the full roots."""
+    monkeypatch.setattr(preconditioner, "UNPACKED_ROOT_BYTES", chunk_bytes)
+    gen = torch.Generator().manual_seed(6)
+    n = 3 if batched else 1
+    stack = BlockStack(shape, dims, [(0, i) for i in range(n)], torch.float64,
+                       torch.device("cpu"), batched)
+    stack.allocate(ShampooConfig())
+    roots = _spd_roots(shape, dims, n, gen)
+    for j, d in enumerate(dims):
+        assert stack.state.roots[j].shape == (n, shape[d] * (shape[d] + 1) // 2)
+        stack.state.roots[j].copy_(pack_symmetric(roots[d]))
+    blocks = torch.randn(n, *shape, dtype=torch.float64, generator=gen)
+    out = stack.precondition(stack.state, blocks)
+    for i in range(n):
+        mats = [roots[d][i] if d in roots else torch.eye(shape[d], dtype=torch.float64)
+                for d in range(len(shape))]
+        expected = (kron_all(mats) @ blocks[i].reshape(-1)).reshape(shape)
+        torch.testing.assert_close(out[i], expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("beta2", [1.0, 0.9])
@@ -118,20 +145,24 @@ def test_roots_are_bias_corrected_inverse_roots():
             factor = unpack_symmetric(stack.state.factors[j][i].double())
             expected = reference_root(factor / (1 - 0.95**5),
                                       0.25, 1e-6, relative=True)
-            torch.testing.assert_close(stack.state.roots[j][i].double(), expected,
-                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(unpack_symmetric(stack.state.roots[j][i]).double(),
+                                       expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(stack.record.computed_at, torch.full((3, 2), 5))
 
 
-def test_install_rejects_nan_and_high_residual_per_block():
+@pytest.mark.parametrize("packed", [True, False])  # False: pending roots of format <= 3
+def test_install_rejects_nan_and_high_residual_per_block(packed):
     stack, config = _stack(root_failure_threshold=0.1)
     old = [r.clone() for r in stack.state.roots]
     new = [torch.rand(3, 4, 4, dtype=torch.float64) + 1, torch.rand(3, 3, 3, dtype=torch.float64)]
+    new = [(r + r.mT) / 2 for r in new]
     new[0][1, 0, 0] = float("nan")
     residuals = [torch.tensor([0.0, 0.0, 0.0], dtype=torch.float64),
                  torch.tensor([0.0, 0.5, float("nan")], dtype=torch.float64)]
-    results = [RootResult(r, res, 0) for r, res in zip(new, residuals)]
+    results = [RootResult(pack_symmetric(r) if packed else r, res, 0)
+               for r, res in zip(new, residuals)]
     assert stack.install_roots(results, config, computed_at=7) == 3
+    new = [pack_symmetric(r) for r in new]
     torch.testing.assert_close(stack.state.roots[0][[0, 2]], new[0][[0, 2]].float())
     assert torch.equal(stack.state.roots[0][1], old[0][1])
     torch.testing.assert_close(stack.state.roots[1][0], new[1][0].float())
