@@ -175,7 +175,7 @@ def inverse_root_mixed(matrix: torch.Tensor, exponent: float, epsilon: float = 0
     ok = ~surely_ill_conditioned(wide, epsilon, relative, tolerance)
     if check_fraction(exponent) is not None and bool(ok.any()):
         tried = ok.nonzero().squeeze(-1)
-        part = wide.index_select(0, tried)
+        part = wide if tried.numel() == wide.shape[0] else wide.index_select(0, tried)
         low, low_residual, ridge = _eigh_root(part.to(torch.float32), exponent, epsilon,
                                               relative, None)
         check = root_residual(part, low, exponent, ridge if isinstance(ridge, float)
@@ -187,8 +187,8 @@ def inverse_root_mixed(matrix: torch.Tensor, exponent: float, epsilon: float = 0
         ok = torch.zeros_like(ok)
     if not bool(ok.all()):
         rows = (~ok).nonzero().squeeze(-1)
-        again, again_residual, _ = _eigh_root(wide.index_select(0, rows), exponent, epsilon,
-                                              relative, out_dtype)
+        part = wide if rows.numel() == wide.shape[0] else wide.index_select(0, rows)
+        again, again_residual, _ = _eigh_root(part, exponent, epsilon, relative, out_dtype)
         root.index_copy_(0, rows, again.to(out_dtype))
         residual.index_copy_(0, rows, again_residual)
     return RootResult(root.reshape(matrix.shape), residual.reshape(matrix.shape[:-2]), 0)
