@@ -8,12 +8,14 @@ resumed at 2, 3 and 1; refusals of other placements; a failing rank's peers rais
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from scalable_shampoo.blocking import block_layout, block_regions, region_view
-from scalable_shampoo.distributed import load_checkpoint
+from scalable_shampoo.distributed import Exchange, load_checkpoint
+from scalable_shampoo.routing import build_routing, flat_rows, rows_view
 from scalable_shampoo.sharded import Shard0, rows_of
 from tests import distributed_workers as workers
 from tests import fsdp2_workers as fsdp2
@@ -47,6 +49,51 @@ def test_box_overlap_keeps_every_box_with_local_elements(shape, block_size):
                 assert shard.overlaps(region, shape) or not inside
                 skipped += not shard.overlaps(region, shape)
     assert skipped > 0
+
+
+ROUTING_CASES = [((12, 6), 4, 12), ((2, 2, 3, 12), 4, 12), ((9,), 2, 12), ((5, 7), 3, 12),
+                 ((3, 24), 4, 12), ((1, 5), 2, 12), ((7, 1, 3), 2, 100), ((1,), 4, 8),
+                 ((10, 9), 4, 6), ((20, 3), 2, 100)]
+
+
+@pytest.mark.parametrize("shape,block_size,max_dim", ROUTING_CASES)
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_routing_sends_each_element_of_a_ranks_rows_once_to_its_blocks_owner(
+        shape, block_size, max_dim, world_size):
+    """build_routing against the elements' flat indices: a rank's cuts, as views of its
+    rows (a copy, as a local shard is), hold exactly the elements of the owner's box they
+    name; every element of the rank's rows is sent once; the owner expects the same cuts
+    in the same order; and each owner receives every element of its boxes once."""
+    layout = block_layout(shape, block_size, max_dim)
+    param = torch.empty(shape)
+    index = torch.arange(param.numel()).reshape(layout.merged_shape)
+    exchanges = [Exchange.plan([param], [layout], SimpleNamespace(world_size=world_size,
+                                                                  rank=rank), None)
+                 for rank in range(world_size)]
+    for exchange in exchanges:
+        exchange.add_param(0, block_regions(layout), torch.float32, param.device,
+                           gathered=False)
+    routings = [build_routing([param], [layout], e.boxes, [0], world_size, e.rank)
+                for e in exchanges]
+    boxes = {box.block_indices[0]: box for _, box in exchanges[0].boxes[0]}
+    received: list[list[int]] = [[] for _ in range(world_size)]
+    for rank, routing in enumerate(routings):
+        lo, hi = flat_rows(shape, world_size, rank)
+        rows = index.reshape(-1)[lo:hi].clone()
+        sent = []
+        for owner, cuts in enumerate(routing.sends[0]):
+            assert cuts == routings[owner].receives[0][rank]
+            for cut in cuts:
+                values = rows_view(rows, cut, lo)
+                assert torch.equal(values, region_view(index, boxes[cut.key])[cut.index])
+                assert exchanges[0].owners[0][cut.key] == owner
+                sent += values.flatten().tolist()
+                received[owner] += values.flatten().tolist()
+        assert sorted(sent) == list(range(lo, hi))
+    for owner, exchange in enumerate(exchanges):
+        owned = [region_view(index, box).flatten().tolist()
+                 for o, box in exchange.boxes[0] if o == owner]
+        assert sorted(received[owner]) == sorted(v for box in owned for v in box)
 
 
 @pytest.fixture(scope="module")
