@@ -17,11 +17,8 @@ from .config import STRUCTURAL_FIELDS, ShampooConfig
 from .distributed import DataParallel, Exchange
 from .eigenvalue_corrected import EigenvalueCorrectedStack
 from .preconditioner import BlockStack
-from .routing import Routing, apply_updates, build_routing
+from .routing import Inbox, Routing, apply_updates, build_routing
 from .sharded import Shards, is_sharded
-
-# Per (parameter, first block) of a box a rank owns: its cuts, ``(index in the box, values)``.
-Inbox = dict[tuple[int, int], list[tuple[tuple[slice, ...], torch.Tensor]]]
 
 STACK_TYPES = {"shampoo": BlockStack, "eigenvalue_corrected": EigenvalueCorrectedStack}
 

@@ -153,6 +153,8 @@ def rows_view(rows: torch.Tensor, cut: Cut, start: int) -> torch.Tensor:
 
 
 Placed = list[tuple[int, Cut, int]]  # (parameter, cut, first element in the flat buffer)
+# Per (parameter, first block) of a box a rank owns: its cuts, ``(index in the box, values)``.
+Inbox = dict[tuple[int, int], list[tuple[tuple[slice, ...], torch.Tensor]]]
 
 
 def place(per_rank: Sequence[Sequence[tuple[int, Cut]]]) -> tuple[list[int], list[int], Placed]:
@@ -204,7 +206,7 @@ class Router:
         self.routing, self.shards, self.group = routing, shards, group
         self.world_size = world_size
         self.present: list[int] = []
-        self.inbox: dict[tuple[int, int], list[tuple[tuple[slice, ...], torch.Tensor]]] = {}
+        self.inbox: Inbox = {}
         self._outbox: dict[tuple[int, int], torch.Tensor] = {}
         self._adds: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 

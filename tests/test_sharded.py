@@ -216,8 +216,43 @@ def test_other_placements_are_refused_naming_the_parameter(runs):
 
 def test_a_failing_rank_makes_every_rank_raise(runs):
     _, _, two, _ = runs
-    assert two[0]["failure"] == "RuntimeError: injected"
-    assert two[1]["failure"].startswith("PeerFailure") and "rank(s) [0]" in two[1]["failure"]
+    failure = {rank: record["failures"]["prepare"][0] for rank, record in enumerate(two)}
+    assert failure[0] == "RuntimeError: injected"
+    assert failure[1].startswith("PeerFailure") and "rank(s) [0]" in failure[1]
+
+
+@pytest.mark.parametrize("where", ["route", "gather"])
+def test_a_rank_failing_between_the_routes_makes_every_rank_raise_untouched(runs, where):
+    """Rank 0 fails after the agreement, before the gradient rows travel to the blocks'
+    owners ("route") or after, before the updates travel back ("gather"): every rank
+    raises, and no rank changed a parameter."""
+    _, _, two, _ = runs
+    (first, untouched_first), (second, untouched_second) = (
+        record["failures"][where] for record in two)
+    assert first == "RuntimeError: injected" and untouched_first
+    assert second.startswith("PeerFailure") and "rank(s) [0]" in second and untouched_second
+
+
+def test_no_collective_moves_a_full_parameter_group(runs):
+    """The gradient rows travel to the blocks' owners, the updates back to the rows'
+    ranks: no collective of a step moves as many elements as the larger param group
+    (the whole gradients' all-gather did, and the directions' all-gather buffer)."""
+    _, _, two, three = runs
+    params = workers.bitwise_params()
+    group = max(sum(params[name].numel() for name in names)
+                for names in (("w1", "w2", "mix"), ("w3", "b1", "b2", "b3")))
+    assert all(record["largest_collective"] < group for record in two + three)
+
+
+def test_overflow_is_decided_on_the_whole_gradient_from_the_ranks_rows(runs):
+    _, _, two, _ = runs
+    assert all(record["overflow"] == {"over": 1, "under": 0} for record in two)
+
+
+def test_parameters_swapped_after_the_plan_was_built_are_routed(runs):
+    _, single, two, _ = runs
+    assert all(_equal(record["swapped"], single["bitwise"]["shampoo"]["params"])
+               for record in two)
 
 
 @pytest.mark.parametrize("swap_at", [0, 3])
