@@ -447,7 +447,7 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
         inbox = None
         if router is not None and router.present:  # this rank's blocks of the rows
             self._data_parallel.route({pi: grads[pi] for pi in router.present})
-            inbox, router.inbox = router.inbox, {}
+            inbox = router.take_inbox()
         merged = [g.reshape(layout.merged_shape)
                   if g is not None and g.numel() > 0 and pi not in routed else None
                   for pi, (g, layout) in enumerate(zip(grads, plan.layouts))]

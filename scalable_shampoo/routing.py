@@ -29,7 +29,7 @@ holds transient buffers of those sizes only, freed after the step.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -109,6 +109,8 @@ class Routing:
         receives: per parameter, per rank, the cuts of that rank's rows in this rank's
             boxes.
         starts: per parameter, the first flat element of this rank's rows.
+        layouts: the all-to-all layouts (:meth:`Router._layouts`) by the parameters that
+            travel in a bucket, made at their first step.
     """
 
     params: tuple[int, ...]
@@ -116,6 +118,7 @@ class Routing:
     sends: dict[int, list[list[Cut]]]
     receives: dict[int, list[list[Cut]]]
     starts: dict[int, int]
+    layouts: dict[tuple[int, ...], tuple] = field(default_factory=dict, compare=False)
 
 
 def build_routing(params: Sequence[torch.Tensor], layouts: Sequence[BlockLayout],
@@ -227,12 +230,15 @@ class Router:
 
     def _layouts(self, members: list[int]) -> tuple[tuple, tuple]:
         """``(sizes, heads, placed)`` of the rows' side (sent forward, received back)
-        and of the owner's side (received forward, sent back)."""
-        rows = place([[(pi, c) for pi in members for c in self.routing.sends[pi][r]]
-                      for r in range(self.world_size)])
-        owned = place([[(pi, c) for pi in members for c in self.routing.receives[pi][r]]
+        and of the owner's side (received forward, sent back), made once per set of
+        parameters that travel."""
+        key = tuple(members)
+        if key not in self.routing.layouts:
+            self.routing.layouts[key] = tuple(
+                place([[(pi, c) for pi in members for c in cuts[pi][r]]
                        for r in range(self.world_size)])
-        return rows, owned
+                for cuts in (self.routing.sends, self.routing.receives))
+        return self.routing.layouts[key]
 
     def _exchange(self, send: torch.Tensor, recv: torch.Tensor, send_sizes: list[int],
                   recv_sizes: list[int], heads: list[int], failures: list[bool]) -> None:
@@ -269,6 +275,12 @@ class Router:
                 self.inbox.setdefault((pi, c.key), []).append(
                     (c.index, recv[s:s + c.numel].view(c.shape)))
         return failures
+
+    def take_inbox(self) -> Inbox:
+        """:attr:`inbox`, which the router then forgets: the received buffers are freed
+        once the caller drops it."""
+        inbox, self.inbox = self.inbox, {}
+        return inbox
 
     def stage(self, key: tuple[int, int], direction: torch.Tensor) -> None:
         """The direction of this rank's box ``key`` ``(parameter, first block)``,
