@@ -9,6 +9,10 @@ then gives every rank every direction as it was computed (a copy, nothing folded
 every rank applies it with the float operations one process runs, so the parameters stay
 bit-identical across ranks and, given the same gradients, equal one process's.
 
+FSDP2 parameters (a rank holds some rows of each) take part too: their blocks are those
+of the full parameters, but their gradient rows travel to the blocks' owners and the
+updates back to the rows' ranks (:mod:`.routing`) instead of the all-gather.
+
 Every per-step decision is agreed on by all ranks (:meth:`DataParallel.agree`): which
 parameters are skipped (no gradient or NaN/Inf anywhere), and whether some rank failed.
 A rank that raises inside ``step()`` first joins the collective the other ranks wait in,

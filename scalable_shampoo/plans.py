@@ -234,9 +234,11 @@ class ApplyPlan:
                 boxes: list[tuple[int, BlockRegion]],
                 shards: Shards | None = None) -> "ApplyPlan":
         """For the directions of ``boxes`` (``(parameter index, region)``, in order).
-        A parameter in ``shards`` (FSDP2, :mod:`.sharded`) is updated in this rank's rows
-        only: its boxes there are assembled in a full-size buffer of its dtype, whose
-        rows are added to the local shard."""
+        A parameter in ``shards`` (FSDP2 without data parallelism, every block on every
+        rank: :mod:`.sharded`) is updated in this rank's rows only: its boxes there are
+        assembled in a full-size buffer of its dtype, whose rows are added to the local
+        shard. (Under data parallelism its updates arrive as its rows' cuts instead:
+        :class:`.routing.Router`.)"""
         shards = shards or {}
         targets = [shards[pi].local if pi in shards else p for pi, p in enumerate(params)]
         plan = cls(targets, [pi for pi, _ in boxes], [], [])

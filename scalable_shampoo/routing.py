@@ -177,6 +177,13 @@ def place(per_rank: Sequence[Sequence[tuple[int, Cut]]]) -> tuple[list[int], lis
     return sizes, heads, placed
 
 
+def _copy(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """One fused copy (cast to the targets' dtype), unless there is nothing to copy (a
+    rank without rows, or without blocks, in a bucket)."""
+    if targets:
+        torch._foreach_copy_(targets, sources)
+
+
 def apply_updates(params: dict[int, torch.Tensor],
                   adds: Iterable[tuple[int, torch.Tensor, torch.Tensor]], config: Any,
                   scales: dict[int, float]) -> None:
@@ -265,9 +272,8 @@ class Router:
                 self._layouts(members)
             send = self._outgoing(send_sizes, send_heads, dtype, device, failed)
             if not failed:
-                torch._foreach_copy_(
-                    [send[s:s + c.numel].view(c.shape) for _, c, s in send_at],
-                    [rows_view(grads[pi], c, self.routing.starts[pi]) for pi, c, _ in send_at])
+                _copy([send[s:s + c.numel].view(c.shape) for _, c, s in send_at],
+                      [rows_view(grads[pi], c, self.routing.starts[pi]) for pi, c, _ in send_at])
             recv = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
             self._exchange(send, recv, send_sizes, recv_sizes, recv_heads, failures)
             del send  # transient: only the received elements stay, until gathered
@@ -298,9 +304,8 @@ class Router:
                 self._layouts(members)
             send = self._outgoing(send_sizes, send_heads, dtype, device, failed)
             if not failed:
-                torch._foreach_copy_(
-                    [send[s:s + c.numel].view(c.shape) for _, c, s in send_at],
-                    [self._outbox[(pi, c.key)][c.index] for pi, c, _ in send_at])
+                _copy([send[s:s + c.numel].view(c.shape) for _, c, s in send_at],
+                      [self._outbox[(pi, c.key)][c.index] for pi, c, _ in send_at])
             recv = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
             self._adds += [(pi, rows_view(self.shards[pi].local, c, self.routing.starts[pi]),
                             recv[s:s + c.numel].view(c.shape)) for pi, c, s in recv_at]

@@ -289,6 +289,31 @@ def overflow() -> dict[str, int]:
     return skips
 
 
+SMALL_SHAPES = {"a": (5, 3), "b": (2, 4)}
+
+
+def small(sharded: bool, steps: int = 4) -> list[torch.Tensor]:
+    """Two one-block parameters in param groups of their own: at 2 and 3 ranks some rank
+    owns no block of a group, at 3 ranks one holds no row of ``b``; they take part in
+    the all-to-alls all the same. One process (``sharded=False``) or this rank."""
+    gen = torch.Generator().manual_seed(7)
+    module = torch.nn.Module()
+    module.p = torch.nn.ParameterDict({name: torch.nn.Parameter(torch.randn(shape, generator=gen))
+                                       for name, shape in SMALL_SHAPES.items()})
+    if sharded:
+        fully_shard(module)
+    params = dict(module.p.items())
+    opt = Shampoo([{"params": [params[name]]} for name in SMALL_SHAPES], lr=0.01,
+                  block_size=8, precondition_frequency=2)
+    for _ in range(steps):
+        for param in params.values():
+            grad = torch.randn(param.shape, generator=gen)
+            param.grad = (distribute_tensor(grad, param.device_mesh, param.placements,
+                                            src_data_rank=None) if sharded else grad)
+        opt.step()
+    return full_params(params)
+
+
 def swapped() -> list[torch.Tensor]:
     """The plan built (by ``sharded_state_dict()``) on plain parameters, which are then
     swapped in ``param_groups`` for their ``fully_shard`` DTensors (as accelerate's FSDP2
@@ -319,6 +344,7 @@ def two_ranks(rank: int, world_size: int, out: Path) -> None:
         "largest_collective": largest_collective(),
         "overflow": overflow(),
         "swapped": swapped(),
+        "small": small(True),
     }
     record.update(checkpoint_runs(rank, out))
     torch.save(record, out / f"two_{rank}.pt")
@@ -328,6 +354,7 @@ def three_ranks(rank: int, world_size: int, out: Path) -> None:
     """The bitwise workload and the model at 3 ranks; the 2-rank checkpoints resumed."""
     record = {"bitwise": {v: train(v, True) for v in workers.BITWISE_VARIANTS},
               "model": train_model(world_size, rank, dtype=torch.float32),
-              "largest_collective": largest_collective(), **resume(out)}
+              "largest_collective": largest_collective(), "small": small(True),
+              **resume(out)}
     dist.barrier()
     torch.save(record, out / f"three_{rank}.pt")

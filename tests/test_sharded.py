@@ -110,6 +110,7 @@ def runs(tmp_path_factory):
             "poisoned": fsdp2.train("shampoo", False, poison_at=fsdp2.POISON_AT),
             "delayed": fsdp2.train("shampoo", False, **fsdp2.DELAYED),
             "model": workers.train_single(torch.float32, False, stop=fsdp2.MODEL_STEPS),
+            "small": fsdp2.small(False),
         }
     finally:
         torch.set_num_threads(threads)
@@ -247,6 +248,11 @@ def test_no_collective_moves_a_full_parameter_group(runs):
 def test_overflow_is_decided_on_the_whole_gradient_from_the_ranks_rows(runs):
     _, _, two, _ = runs
     assert all(record["overflow"] == {"over": 1, "under": 0} for record in two)
+
+
+def test_ranks_without_rows_or_blocks_of_a_group_take_part(runs):
+    _, single, two, three = runs
+    assert all(_equal(record["small"], single["small"]) for record in two + three)
 
 
 def test_parameters_swapped_after_the_plan_was_built_are_routed(runs):
