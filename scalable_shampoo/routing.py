@@ -8,10 +8,11 @@ gradients, and the rows' rank needs the update of its rows. The elements of one 
 blocks (:class:`.blocking.BlockRegion`) that lie in one rank's rows form a :class:`Cut`:
 the rows are a range of the merged tensor's first dimension, so a cut is a sub-box of
 the box's ``(*counts, *block_shape)`` grid (a range of its first count and of its first
-block dimension; at most three per box and rank, :func:`cut_box`), a strided view both of the box and of
-the rank's contiguous rows. :func:`build_routing` lists, once per param-group plan, the
-cuts this rank sends (its rows, per owner) and receives (its boxes, per rank); both
-sides list a pair's cuts in the same order, so that no index travels.
+block dimension; at most three per box and rank, :func:`cut_box`), a strided view both
+of the box and of the rank's contiguous rows. :func:`build_routing` lists, once per
+param-group plan, the cuts this rank sends (its rows, per owner) and receives (its
+boxes, per rank); both sides list a pair's cuts in the same order, so that no index
+travels.
 
 Per step (:class:`Router`), per parameter dtype: one ``all_to_all_single`` sends each
 owner the elements of its boxes in this rank's rows (the gradient, with coupled weight

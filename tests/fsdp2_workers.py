@@ -289,27 +289,31 @@ def overflow() -> dict[str, int]:
     return skips
 
 
-SMALL_SHAPES = {"a": (5, 3), "b": (2, 4)}
+SMALL_SHAPES = {"a": (5, 3), "b": (2, 4), "c": (4, 4)}
 
 
 def small(sharded: bool, steps: int = 4) -> list[torch.Tensor]:
-    """Two one-block parameters in param groups of their own: at 2 and 3 ranks some rank
-    owns no block of a group, at 3 ranks one holds no row of ``b``; they take part in
-    the all-to-alls all the same. One process (``sharded=False``) or this rank."""
+    """One-block parameters: ``a`` and ``b`` (``fully_shard``'s) in param groups of their
+    own, with ``c`` (not sharded: the same on every rank, as under DDP) in ``a``'s. At 2
+    and 3 ranks some rank owns no block of a group, at 3 ranks one holds no row of
+    ``b``; they take part in the all-to-alls all the same. One process
+    (``sharded=False``) or this rank."""
     gen = torch.Generator().manual_seed(7)
     module = torch.nn.Module()
     module.p = torch.nn.ParameterDict({name: torch.nn.Parameter(torch.randn(shape, generator=gen))
-                                       for name, shape in SMALL_SHAPES.items()})
+                                       for name, shape in SMALL_SHAPES.items() if name != "c"})
+    plain = torch.nn.Parameter(torch.randn(SMALL_SHAPES["c"], generator=gen))
     if sharded:
         fully_shard(module)
-    params = dict(module.p.items())
-    opt = Shampoo([{"params": [params[name]]} for name in SMALL_SHAPES], lr=0.01,
-                  block_size=8, precondition_frequency=2)
+    params = {**module.p, "c": plain}
+    opt = Shampoo([{"params": [params["a"], params["c"]]}, {"params": [params["b"]]}],
+                  lr=0.01, block_size=8, precondition_frequency=2)
     for _ in range(steps):
         for param in params.values():
             grad = torch.randn(param.shape, generator=gen)
             param.grad = (distribute_tensor(grad, param.device_mesh, param.placements,
-                                            src_data_rank=None) if sharded else grad)
+                                            src_data_rank=None)
+                          if isinstance(param, DTensor) else grad)
         opt.step()
     return full_params(params)
 

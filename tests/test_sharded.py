@@ -250,7 +250,7 @@ def test_overflow_is_decided_on_the_whole_gradient_from_the_ranks_rows(runs):
     assert all(record["overflow"] == {"over": 1, "under": 0} for record in two)
 
 
-def test_ranks_without_rows_or_blocks_of_a_group_take_part(runs):
+def test_ranks_without_rows_or_blocks_of_a_group_and_unsharded_parameters_take_part(runs):
     _, single, two, three = runs
     assert all(_equal(record["small"], single["small"]) for record in two + three)
 
