@@ -587,7 +587,7 @@ class DataParallel:
         self._next_group()
         if not buckets and routed is None:  # nothing to gather (only empty parameters)
             return [bool(f) for f in self._max(self._flags(failed))]
-        failures = routed or [False] * self.world_size
+        failures = [False] * self.world_size if routed is None else routed
         if buckets:
             flags = torch.stack([b.buffer[b.segment - 1::b.segment] for b in buckets])
             failures = [a or b for a, b in zip(failures, (flags != 0).any(dim=0).tolist())]
