@@ -7,6 +7,8 @@ parameters and keeps its rows of it as the DTensor gradient, so the gradients ar
 of one process and a comparison tests the optimizer alone, at any world size. The
 *model* one: a ``fully_shard`` MLP trained by FSDP2's own forward and backward on each
 rank's share of the batch (its reduce-scatter sums in another order than one process).
+Besides: injected failures, the collectives' sizes, large gradients, swapped parameters
+and small one-block groups.
 """
 
 from __future__ import annotations

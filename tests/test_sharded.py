@@ -1,9 +1,12 @@
-"""Shampoo on FSDP2 parameters (scalable_shampoo.sharded): the row split and box overlap
-as pure functions, and gloo runs at 2 and 3 ranks (tests/fsdp2_workers.py) against the
-one-process optimizer: bitwise on the same gradients (classic and eigenvalue-corrected;
-merged, split and unpreconditioned dimensions; coupled weight decay), with background
-roots and a NaN gradient; FSDP2's own backward to rounding; checkpoints saved at 2 ranks
-resumed at 2, 3 and 1; refusals of other placements; a failing rank's peers raise."""
+"""Shampoo on FSDP2 parameters (scalable_shampoo.sharded, scalable_shampoo.routing): the
+row split, box overlap and routing cuts as pure functions, and gloo runs at 2 and 3 ranks
+(tests/fsdp2_workers.py) against the one-process optimizer: bitwise on the same gradients
+(classic and eigenvalue-corrected; merged, split and unpreconditioned dimensions; coupled
+weight decay; ranks without rows or blocks; unsharded parameters beside sharded ones),
+with background roots and a NaN gradient; FSDP2's own backward to rounding; checkpoints
+saved at 2 ranks resumed at 2, 3 and 1; refusals of other placements; a failing rank's
+peers raise, before and between the all-to-alls; no collective moves a full param group;
+overflow decided on the whole gradient; parameters swapped after the plan was built."""
 
 from __future__ import annotations
 
