@@ -494,6 +494,7 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
         if exchange is None:
             directions: list[torch.Tensor | None] = [v for _, _, v in own]
         else:  # every rank gets every block's v, in the boxes apply was prepared for
+            # (those of routed parameters: the update of its rows, for router.apply)
             if any(g is not None for g in grads):
                 self._data_parallel.gather(exchange, own)
             directions = [view if merged[pi] is not None else None

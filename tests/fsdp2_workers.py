@@ -183,6 +183,9 @@ def refusals(world_size: int) -> dict[str, str]:
         "replicate": distribute_tensor(flat, mesh, [Replicate()]),
         "mesh2d": distribute_tensor(flat, init_device_mesh("cpu", (world_size, 1)),
                                     [Shard(0), Replicate()]),
+        # torch.chunk's rows, transposed in memory
+        "strided": DTensor.from_local(torch.randn(4, 6 // world_size).t(), mesh, [Shard(0)],
+                                      run_check=False, shape=(6, 4), stride=(4, 1)),
     }
     messages = {}
     for name, tensor in cases.items():

@@ -215,6 +215,7 @@ def test_other_placements_are_refused_naming_the_parameter(runs):
     assert "'layer.shard1'" in messages["shard1"] and "Shard(dim=1)" in messages["shard1"]
     assert "'layer.replicate'" in messages["replicate"] and "Replicate()" in messages["replicate"]
     assert "'layer.mesh2d'" in messages["mesh2d"] and "2-D device mesh" in messages["mesh2d"]
+    assert "'layer.strided'" in messages["strided"] and "not contiguous" in messages["strided"]
     assert all("Shard(0) over a 1-D mesh" in m for m in messages.values())
 
 
