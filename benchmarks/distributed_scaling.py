@@ -27,8 +27,18 @@ a 1-D mesh of the ranks (as ``fully_shard`` makes them), each rank given its row
 same gradients, and the optimizer is the lossless sharded one (:mod:`scalable_shampoo.
 sharded`). Extra columns: ``param MB`` (the rank's parameter shard), ``recv MB`` and
 ``root recv MB``: the bytes this rank receives from the others in the step's collectives
-(all-gathers: ``(world - 1) / world`` of the output; all-reduces: the tensor), in a step
-without and with root computations.
+(all-gathers: ``(world - 1) / world`` of the output; all-to-alls: the output less the
+rank's own part; all-reduces: the tensor), in a step without and with root computations.
+
+Memory the step needs besides the optimizer state, per rank (both modes):
+
+* ``kept MB``: buffers the optimizer keeps between steps for its exchange (the
+  all-gather buffers of the directions);
+* ``peak MB``: the transient peak of a step without roots: the largest sum of the
+  bytes of the tensors the step allocated and had not yet freed, from the CPU
+  allocator's events that ``torch.profiler`` records with ``profile_memory=True``
+  (every tensor allocation and free, in time order, on every thread), the largest of
+  ``PROFILED`` steps run under the profiler after the timed ones (not timed).
 
 Wall times are honest only while every rank has a core of its own: with more ranks
 than cores the processes share cores, and wall times grow although each rank's CPU
@@ -67,6 +77,7 @@ from scalable_shampoo import Shampoo  # noqa: E402
 from scalable_shampoo.preconditioner import BlockStack  # noqa: E402
 
 GRAD_POOL = 3
+PROFILED = 3  # steps without roots whose transient peak is measured
 
 
 @dataclass(frozen=True)
@@ -98,9 +109,9 @@ def _timed_roots(counter: list[float]) -> Any:
     return timed
 
 
-def _counted(received: list[int], world_size: int) -> None:
-    """Wraps this process's all-gathers and all-reduces to add the bytes it receives
-    from the other ranks to ``received[0]``."""
+def _counted(received: list[int], world_size: int, rank: int) -> None:
+    """Wraps this process's all-gathers, all-to-alls and all-reduces to add the bytes
+    it receives from the other ranks to ``received[0]``."""
     def wrap(name: str, incoming: Any) -> None:
         collective = getattr(dist, name, None)
         if collective is None:
@@ -118,6 +129,64 @@ def _counted(received: list[int], world_size: int) -> None:
     for name in ("all_gather_into_tensor", "all_gather_single"):
         wrap(name, gathered)
     wrap("all_reduce", lambda t: t.numel() * t.element_size())
+    exchange = getattr(dist, "all_to_all_single", None)
+
+    def all_to_all(output: torch.Tensor, input: torch.Tensor,
+                   output_split_sizes: list[int] | None = None, *args: Any,
+                   **kwargs: Any) -> Any:
+        own = (output_split_sizes[rank] if output_split_sizes is not None
+               else output.numel() // world_size)
+        received[0] += (output.numel() - own) * output.element_size()
+        return exchange(output, input, output_split_sizes, *args, **kwargs)
+
+    if exchange is not None:
+        dist.all_to_all_single = all_to_all
+
+
+def _peak_bytes(step: Any) -> int:
+    """The transient peak of ``step()``: the largest running sum of the bytes of the
+    CPU tensors it allocated less those it freed (torch.profiler's memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    peak = held = 0
+    for _, nbytes in events:
+        held += nbytes
+        peak = max(peak, held)
+    return peak
+
+
+def _profiled_peak(opt: Shampoo, params: list[torch.Tensor], pool: list[list[torch.Tensor]],
+                   setup: Setup) -> int:
+    """The largest transient peak (:func:`_peak_bytes`) of ``PROFILED`` steps without
+    roots after the timed ones (root steps among them run unmeasured). Equal steps'
+    peaks differ at times by a buffer or two: gloo's worker thread may let go of a
+    collective's tensors after the step allocated its next ones."""
+    peaks, step = [], setup.steps
+    while len(peaks) < PROFILED:
+        step += 1
+        _give(params, pool, step)
+        if step % setup.precondition_frequency == 0:
+            opt.step()
+        else:
+            peaks.append(_peak_bytes(opt.step))
+    return max(peaks)
+
+
+def _kept_bytes(opt: Shampoo) -> int:
+    """Bytes of the exchange buffers the optimizer keeps between steps."""
+    return sum(bucket.buffer.numel() * bucket.buffer.element_size()
+               for plan in opt._plans if plan is not None and plan.exchange is not None
+               for bucket in plan.exchange.buckets.values() if bucket.buffer is not None)
+
+
+def _give(params: list[torch.Tensor], pool: list[list[torch.Tensor]], step: int) -> None:
+    """Step ``step``'s gradients, from the pool drawn before timing."""
+    for p, g in zip(params, pool[step % GRAD_POOL]):
+        p.grad = g
 
 
 def _rank(rank: int, world_size: int, port: int, setup: Setup, fsdp2: bool,
@@ -127,7 +196,7 @@ def _rank(rank: int, world_size: int, port: int, setup: Setup, fsdp2: bool,
                             world_size=world_size, timeout=datetime.timedelta(minutes=10))
     root_cpu, received = [0.0], [0]
     BlockStack.compute_roots = _timed_roots(root_cpu)  # this process only
-    _counted(received, world_size)
+    _counted(received, world_size, rank)
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(o, i, generator=gen) / math.sqrt(i))
               for o, i in setup.layers]
@@ -148,8 +217,7 @@ def _rank(rank: int, world_size: int, port: int, setup: Setup, fsdp2: bool,
                   precondition_frequency=setup.precondition_frequency)
     plain, plain_cpu, with_roots, plain_recv, root_recv = [], [], [], [], []
     for step in range(1, setup.steps + 1):
-        for p, g in zip(params, pool[step % GRAD_POOL]):
-            p.grad = g
+        _give(params, pool, step)
         dist.barrier()  # every rank starts the step together
         received[0] = 0
         wall, cpu = time.perf_counter(), time.process_time()
@@ -162,6 +230,7 @@ def _rank(rank: int, world_size: int, port: int, setup: Setup, fsdp2: bool,
             plain.append(wall)
             plain_cpu.append(cpu)
             plain_recv.append(received[0])
+    peak = _profiled_peak(opt, params, pool, setup)
     metrics = opt.metrics()
     root_steps = max(1, len(with_roots))
     local = [p.to_local() if fsdp2 else p for p in params]
@@ -171,6 +240,7 @@ def _rank(rank: int, world_size: int, port: int, setup: Setup, fsdp2: bool,
            "step": statistics.median(plain), "step_cpu": statistics.median(plain_cpu),
            "root_step": statistics.median(with_roots) if with_roots else float("nan"),
            "param_bytes": sum(t.numel() * t.element_size() for t in local),
+           "kept": _kept_bytes(opt), "peak": peak,
            "recv": statistics.median(plain_recv),
            "root_recv": statistics.median(root_recv) if root_recv else float("nan")}
     everyone: list[Any] = [None] * world_size
@@ -205,14 +275,15 @@ def format_table(rows_by_world: dict[int, list[dict[str, Any]]], setup: Setup,
              f"{setup.steps} steps, roots every {setup.precondition_frequency}; "
              "one thread per rank",
              f"{'ranks':>5} {'rank':>4} {'blocks':>6} {'state MB':>9} {'root CPU s':>10} "
-             f"{'root wall s':>11} {'step ms':>8} {'step CPU ms':>11} {'root step ms':>12}"
-             + extra]
+             f"{'root wall s':>11} {'step ms':>8} {'step CPU ms':>11} {'root step ms':>12} "
+             f"{'kept MB':>8} {'peak MB':>8}" + extra]
     for world_size, rows in rows_by_world.items():
         for r in rows:
             line = (
                 f"{world_size:>5} {r['rank']:>4} {r['blocks']:>6} {r['state_bytes'] / 2**20:>9.2f} "
                 f"{r['root_cpu']:>10.3f} {r['root_wall']:>11.3f} {r['step'] * 1e3:>8.1f} "
-                f"{r['step_cpu'] * 1e3:>11.1f} {r['root_step'] * 1e3:>12.1f}")
+                f"{r['step_cpu'] * 1e3:>11.1f} {r['root_step'] * 1e3:>12.1f} "
+                f"{r['kept'] / 2**20:>8.2f} {r['peak'] / 2**20:>8.2f}")
             if fsdp2:
                 line += (f" {r['param_bytes'] / 2**20:>8.2f} {r['recv'] / 2**20:>8.2f} "
                          f"{r['root_recv'] / 2**20:>12.2f}")

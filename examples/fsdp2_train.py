@@ -7,10 +7,11 @@
 ``fully_shard`` makes every parameter a DTensor sharded along dimension 0: each rank
 holds its rows of the parameters, gradients and (in FSDP's hands) nothing more. Shampoo
 works on the blocks of the full parameters (lossless: the trajectory is one process's,
-to rounding): per step it all-gathers the gradients, each rank computes the directions of
-the blocks it owns (their state lives on that rank only), the directions are
-all-gathered, and each rank adds its rows of them to its shard. At the end each rank
-prints its share of the state and rank 0 the full-data loss.
+to rounding): per step each rank sends the owner of each block (its state lives on that
+rank only) the elements of that block in its rows, the owners compute the blocks'
+directions, and each rank gets back the update of its rows and adds it to its shard; no
+rank holds a full parameter. At the end each rank prints its share of the state and
+rank 0 the full-data loss.
 
 ``--checkpoint DIR`` saves model and optimizer with ``torch.distributed.checkpoint``
 halfway through; ``--resume DIR`` continues from it at any number of processes,

@@ -9,6 +9,10 @@ then gives every rank every direction as it was computed (a copy, nothing folded
 every rank applies it with the float operations one process runs, so the parameters stay
 bit-identical across ranks and, given the same gradients, equal one process's.
 
+FSDP2 parameters (a rank holds some rows of each) take part too: their blocks are those
+of the full parameters, but their gradient rows travel to the blocks' owners and the
+updates back to the rows' ranks (:mod:`.routing`) instead of the all-gather.
+
 Every per-step decision is agreed on by all ranks (:meth:`DataParallel.agree`): which
 parameters are skipped (no gradient or NaN/Inf anywhere), and whether some rank failed.
 A rank that raises inside ``step()`` first joins the collective the other ranks wait in,
@@ -29,16 +33,17 @@ import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
 from .blocking import BlockLayout, BlockRegion, block_regions
-from .gradient_screen import Skips, norm_limit, screen_whole
+from .gradient_screen import Skips, norm_limit, part_verdict, screen_parts, screen_whole
 
 if TYPE_CHECKING:
     from .config import ShampooConfig
+    from .routing import Router
 
 # Per-parameter gradient status, agreed by an all-reduce with MAX (a NaN anywhere wins).
 _PRESENT, _ABSENT, _OVERFLOW, _NONFINITE = 0, 1, 2, 3
@@ -207,6 +212,11 @@ class Exchange:
             rank puts that box's directions, shaped ``(*counts, *block_shape)``.
         received: ``(param, box, view)`` for every rank's boxes, views of the buffers.
             ``targets`` and ``received`` are made with the buffers (:meth:`allocate`).
+        boxes: per parameter, every rank's boxes of it, ``(owner, box)``.
+        kinds: per parameter, its bucket's key.
+        routed: the parameters left out of the buckets: FSDP2 parameters, whose elements
+            travel between their rows' ranks and their blocks' owners instead
+            (:mod:`.routing`).
     """
 
     world_size: int
@@ -216,6 +226,9 @@ class Exchange:
     buckets: dict[tuple, Bucket] = field(default_factory=dict)
     targets: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     received: list[tuple[int, BlockRegion, torch.Tensor]] = field(default_factory=list)
+    boxes: dict[int, list[tuple[int, BlockRegion]]] = field(default_factory=dict)
+    kinds: dict[int, tuple] = field(default_factory=dict)
+    routed: frozenset[int] = frozenset()
 
     @classmethod
     def plan(cls, params: Sequence[torch.Tensor], layouts: Sequence[BlockLayout],
@@ -239,23 +252,40 @@ class Exchange:
         return cls(world_size, data_parallel.rank, owners, loads)
 
     def add_param(self, param: int, regions: Sequence[BlockRegion], dtype: torch.dtype,
-                  device: torch.device) -> list[BlockRegion]:
-        """Records every rank's boxes of ``regions`` (one parameter's) and returns this
-        rank's, which its block stacks then hold."""
-        key = (dtype, device)
+                  device: torch.device, gathered: bool = True) -> list[BlockRegion]:
+        """Records every rank's boxes of ``regions`` (one parameter's), in the all-gather
+        buckets unless not ``gathered`` (then :attr:`routed`), and returns this rank's,
+        which its block stacks then hold."""
+        self.boxes[param] = [(owner, box) for region in regions
+                             for owner, box in split_region(region, self.owners[param])]
+        self.kinds[param] = (dtype, device)
+        if gathered:
+            self._add_slots(param)
+        else:
+            self.routed = self.routed | {param}
+        return [box for owner, box in self.boxes[param] if owner == self.rank]
+
+    def _add_slots(self, param: int) -> None:
+        key = self.kinds[param]
         bucket = self.buckets.get(key)
         if bucket is None:
-            bucket = self.buckets[key] = Bucket(dtype, device, [[] for _ in range(self.world_size)],
+            bucket = self.buckets[key] = Bucket(*key, [[] for _ in range(self.world_size)],
                                                 [0] * self.world_size)
-        own = []
-        for region in regions:
-            for owner, box in split_region(region, self.owners[param]):
-                numel = box.num_blocks * math.prod(box.block_shape)
-                bucket.slots[owner].append(Slot(param, box, bucket.lengths[owner], numel))
-                if owner == self.rank:
-                    own.append(box)
-                bucket.lengths[owner] += numel
-        return own
+        for owner, box in self.boxes[param]:
+            numel = box.num_blocks * math.prod(box.block_shape)
+            bucket.slots[owner].append(Slot(param, box, bucket.lengths[owner], numel))
+            bucket.lengths[owner] += numel
+
+    def reroute(self, routed: frozenset[int]) -> None:
+        """Makes ``routed`` the parameters left out of the buckets (the group's tensors
+        were swapped for FSDP2 ones after the plan was built, or back): the buckets are
+        laid out again, their buffers allocated anew."""
+        if routed == self.routed:
+            return
+        self.routed, self.buckets, self.targets, self.received = routed, {}, {}, []
+        for param in self.boxes:
+            if param not in routed:
+                self._add_slots(param)
 
     def allocate(self) -> None:
         """Allocates the buffers, once, and the views every step reuses."""
@@ -276,6 +306,17 @@ class Exchange:
 
 
 # ------------------------------------------------------------------ data parallel
+def _bits(values: Sequence[float]) -> list[int]:
+    """Non-negative floats as the int64 of their float64 bits, which order as they do
+    (an all-reduce with MAX of them is one of their largest)."""
+    return torch.tensor(list(values), dtype=torch.float64).view(torch.int64).tolist()
+
+
+def _floats(bits: Sequence[int]) -> list[float]:
+    """The inverse of :func:`_bits`."""
+    return torch.tensor(list(bits), dtype=torch.int64).view(torch.float64).tolist()
+
+
 def _all_gather(output: torch.Tensor, segment: torch.Tensor, group: Any) -> None:
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(output, segment, group=group)
@@ -325,13 +366,13 @@ class DataParallel:
     ``load_state_dict`` or ``add_param_group``) one check of the structure (a small
     all-reduce, :meth:`check`), then per param group one agreement (a small all-reduce;
     group 0's carries the fingerprint of every group's hyperparameters) and, unless no
-    parameter has a gradient, one all-gather per bucket. ``_next`` is the collective the
-    other ranks run next (of param group ``_group``), which :meth:`abort` joins.
-
-    ``openers`` (set by the optimizer before :meth:`begin_step`): per param group, a
-    collective that comes before its agreement (the FSDP2 gradient gather of
-    :mod:`.sharded`), as the callable a failed rank joins it with; :meth:`opened` marks
-    it done.
+    parameter has a gradient, one all-gather per bucket. A group with FSDP2 parameters
+    (:mod:`.routing`) runs, between its agreement and its all-gathers, one all-to-all per
+    parameter dtype of their gradient rows to the blocks' owners (:meth:`route`), and
+    after its all-gathers one more returning each rank its rows' updates. ``_next`` is
+    the collective the other ranks run next (of param group ``_group``), which
+    :meth:`abort` joins; ``_router`` the group's routed step, once the agreement fixed
+    what travels.
     """
 
     def __init__(self, group: Any, rank: int, world_size: int) -> None:
@@ -341,8 +382,8 @@ class DataParallel:
                        if backend == "nccl" else torch.device("cpu"))
         self._sizes: list[int] = []
         self._group = 0
-        self._next: tuple[str, Any] | None = None
-        self.openers: dict[int, Callable[[], None]] = {}
+        self._next: tuple[str, Exchange | None] | None = None
+        self._router: Router | None = None
         # This step's hyperparameters (group 0's agreement checks them) and their digest.
         self._expected: Description = []
         self._expected_digest = 0
@@ -373,24 +414,17 @@ class DataParallel:
         return self  # a process group is shared, not copied
 
     # ---------------------------------------------------------------- protocol
-    def begin_step(self, group_sizes: Sequence[int], check: bool) -> None:
-        """Starts a step over param groups of these sizes: the structure's :meth:`check`
-        (if ``check``) or group 0's agreement is next."""
-        self._sizes, self._group = list(group_sizes), 0
-        self._next = ("check", None) if check else self._opening() if self._sizes else None
-
-    def _opening(self) -> tuple[str, Any]:
-        """The first collective of param group ``_group``."""
-        join = self.openers.get(self._group)
-        return ("agree", None) if join is None else ("join", join)
-
-    def opened(self) -> None:
-        """The group's opener ran: its agreement is next."""
-        self._next = ("agree", None)
+    def begin_step(self, sizes: Sequence[int], check: bool) -> None:
+        """Starts a step over param groups whose agreements have these sizes (a status
+        per parameter and a norm per FSDP2 parameter): the structure's :meth:`check` (if
+        ``check``) or group 0's agreement is next."""
+        self._sizes, self._group, self._router = list(sizes), 0, None
+        self._next = ("check", None) if check else ("agree", None) if self._sizes else None
 
     def _next_group(self) -> None:
         self._group += 1
-        self._next = self._opening() if self._group < len(self._sizes) else None
+        self._router = None
+        self._next = ("agree", None) if self._group < len(self._sizes) else None
 
     def _raise_if_failed(self, failed: Sequence[bool]) -> None:
         ranks = [r for r, f in enumerate(failed) if f]
@@ -437,55 +471,111 @@ class DataParallel:
         come before any state of the step changes."""
         if structure is not None:
             self._agreement([], False, structure)
-            self._next = self._opening() if self._sizes else None
+            self._next = ("agree", None) if self._sizes else None
         if values is not self._expected:  # the optimizer passes the same object unchanged
             self._expected, self._expected_digest = values, fingerprint(values)
 
     def agree(self, exchange: Exchange, grads: list[torch.Tensor | None],
-              params: list[torch.Tensor],
-              config: "ShampooConfig") -> tuple[list[torch.Tensor | None], Skips]:
+              params: list[torch.Tensor], config: "ShampooConfig",
+              router: "Router | None" = None) -> tuple[list[torch.Tensor | None], Skips]:
         """The next param group's gradients with None for every parameter skipped on some
         rank, and the parameters skipped for NaN/Inf or for squares that overflow the
         state (:mod:`.gradient_screen`): the same on every rank, even if the ranks'
         gradients differ. Checks the gradient the statistics will see (with coupled
         weight decay ``g + wd p``). Raises :class:`PeerFailure` if a rank failed, and in
-        group 0 ``ValueError`` if the hyperparameters (:meth:`check`) differ."""
+        group 0 ``ValueError`` if the hyperparameters (:meth:`check`) differ.
+
+        The ``grads`` and ``params`` of the ``router``'s parameters (FSDP2) are this
+        rank's rows: a NaN/Inf in any rank's rows skips the parameter, and whether its
+        squares overflow is decided on the whole gradient's norm, from the ranks' norms
+        of their rows (which travel in the agreement; :meth:`_overflowing`). The router
+        is then told what travels (:meth:`.routing.Router.select`)."""
         coupled = config.weight_decay and not config.decoupled_weight_decay
         checked = {i: g.add(p, alpha=config.weight_decay) if coupled else g
                    for i, (g, p) in enumerate(zip(grads, params))
                    if g is not None and g.numel() > 0}
         statuses = [_ABSENT if g is None else _PRESENT for g in grads]
-        verdicts = screen_whole(list(checked.values()),
+        rows = () if router is None else router.params
+        whole = [i for i in checked if i not in rows]
+        verdicts = screen_whole([checked[i] for i in whole],
                                 [norm_limit(params[i].dtype, config.factor_dtype)
-                                 for i in checked])
-        for i, verdict in zip(checked, verdicts):
+                                 for i in whole])
+        for i, verdict in zip(whole, verdicts):
             if verdict != "ok":
                 statuses[i] = _OVERFLOW if verdict == "overflow" else _NONFINITE
+        parts = [i for i in rows if i in checked]
+        norms = dict(zip(parts, screen_parts([checked[i] for i in parts])))
+        for i, norm in norms.items():
+            if norm is None:
+                statuses[i] = _NONFINITE
+        statuses += _bits([norms.get(i) or 0.0 for i in rows])
         if self._group == 0:
             agreed = self._agreement(statuses, False, self._expected, self._expected_digest)
         else:
             agreed = self._agreement(statuses, False)
+        agreed, largest = agreed[:len(grads)], _floats(agreed[len(grads):])
+        for i in self._overflowing(rows, agreed, largest, norms,
+                                   [norm_limit(params[i].dtype, config.factor_dtype)
+                                    for i in rows]):
+            agreed[i] = _OVERFLOW
         grads = [g if s == _PRESENT else None for g, s in zip(grads, agreed)]
+        if router is not None and router.select(i for i in rows if agreed[i] == _PRESENT):
+            self._router = router
         if any(g is not None for g in grads):
-            self._next = ("gather", exchange)
+            self._next = ("route" if self._router else "gather", exchange)
         else:
             self._next_group()
         return grads, Skips({i for i, s in enumerate(agreed) if s == _NONFINITE},
                             {i for i, s in enumerate(agreed) if s == _OVERFLOW})
+
+    def _overflowing(self, rows: Sequence[int], agreed: list[int], largest: list[float],
+                     norms: dict[int, float | None], limits: Sequence[float]) -> list[int]:
+        """Of the parameters ``rows`` (FSDP2) still present, those whose whole gradient's
+        norm exceeds its limit, given the largest norm of a rank's rows (``largest``)
+        and this rank's (``norms``): most are decided by the largest alone
+        (:func:`.gradient_screen.part_verdict`); the rest (norms near the limit) by the
+        sum of the ranks' squares, in one more small all-reduce that every rank runs."""
+        verdicts = {i: part_verdict(m, limit, self.world_size)
+                    for i, m, limit in zip(rows, largest, limits) if agreed[i] == _PRESENT}
+        unsure = [i for i, verdict in verdicts.items() if verdict == "unsure"]
+        if unsure:
+            squares = torch.tensor([(norms.get(i) or 0.0) ** 2 for i in unsure],
+                                   dtype=torch.float64).to(self.device)
+            dist.all_reduce(squares, group=self.group)
+            bound = dict(zip(rows, limits))
+            for i, total in zip(unsure, squares.tolist()):
+                verdicts[i] = "ok" if math.sqrt(total) <= bound[i] else "overflow"
+        return [i for i, verdict in verdicts.items() if verdict == "overflow"]
+
+    def route(self, grads: dict[int, torch.Tensor]) -> None:
+        """After the agreement: the routed parameters' gradient rows (``grads``, those
+        that travel) to their blocks' owners (:meth:`.routing.Router.forward`). Raises
+        :class:`PeerFailure` if a rank failed."""
+        _, exchange = self._next
+        failures = self._router.forward(grads, failed=False)
+        self._next = ("gather", exchange)
+        self._raise_if_failed(failures)
 
     def gather(self, exchange: Exchange,
                directions: Sequence[tuple[int, BlockRegion, torch.Tensor]]) -> None:
         """Every rank's update directions into the views of ``exchange.received``: this
         rank's ``directions`` ``(param, box, v)`` are copied (exactly: nothing is folded
         in, so that every rank applies what one process would) into its segments, then
-        one all-gather per bucket. Raises :class:`PeerFailure` if a rank failed."""
+        one all-gather per bucket; those of routed parameters go back to their rows'
+        ranks instead (:meth:`.routing.Router.back`). Raises :class:`PeerFailure` if a
+        rank failed."""
         exchange.allocate()
         for param, region, direction in directions:
-            exchange.targets[(param, region.block_indices[0])].copy_(direction)
+            key = (param, region.block_indices[0])
+            if param in exchange.routed:
+                self._router.stage(key, direction)
+            else:
+                exchange.targets[key].copy_(direction)
         self._raise_if_failed(self._collect(exchange, failed=False))
 
     def _collect(self, exchange: Exchange, failed: bool) -> list[bool]:
-        """The all-gathers of one group; returns, per rank, whether it failed."""
+        """The all-gathers of one group, then the return of its routed parameters'
+        updates; returns, per rank, whether it failed."""
         exchange.allocate()
         buckets = list(exchange.buckets.values())
         for bucket in buckets:
@@ -493,11 +583,15 @@ class DataParallel:
             own = bucket.buffer[self.rank * seg:(self.rank + 1) * seg]
             own[-1] = float(failed)  # the status element
             _all_gather(bucket.buffer, own, self.group)
+        routed = None if self._router is None else self._router.back(failed)
         self._next_group()
-        if not buckets:  # nothing to gather (only empty parameters): exchange the status
+        if not buckets and routed is None:  # nothing to gather (only empty parameters)
             return [bool(f) for f in self._max(self._flags(failed))]
-        flags = torch.stack([b.buffer[b.segment - 1::b.segment] for b in buckets])
-        return (flags != 0).any(dim=0).tolist()
+        failures = [False] * self.world_size if routed is None else routed
+        if buckets:
+            flags = torch.stack([b.buffer[b.segment - 1::b.segment] for b in buckets])
+            failures = [a or b for a, b in zip(failures, (flags != 0).any(dim=0).tolist())]
+        return failures
 
     def abort(self, error: BaseException) -> None:
         """After ``error`` on this rank inside ``step()``: joins, marked as failed, the
@@ -507,17 +601,14 @@ class DataParallel:
         if pending is None or isinstance(error, PeerFailure):
             return
         kind, exchange = pending
-        if kind == "join":
-            try:
-                exchange()
-            except PeerFailure:
-                pass
-        elif kind in ("check", "agree"):
+        if kind in ("check", "agree"):
             statuses = [] if kind == "check" else [_PRESENT] * self._sizes[self._group]
             try:
                 self._agreement(statuses, True)
             except PeerFailure:  # its own failure flag, which every rank now saw
                 pass
+        elif kind == "route":  # every rank raises after it
+            self._router.forward(None, failed=True)
         else:
             self._collect(exchange, failed=True)
         self._next = None

@@ -66,22 +66,46 @@ def norm_limit(param_dtype: torch.dtype, factor_dtype: torch.dtype) -> float:
     return largest_norm(work, factor_dtype)
 
 
-def screen_whole(grads: Sequence[torch.Tensor], limits: Sequence[float]) -> list[str]:
-    """For whole gradients (data parallelism decides on them, the same on every rank):
-    per gradient "ok", "nonfinite" or "overflow", given each one's norm limit. Norms of
-    low-precision gradients are taken in float32, which holds their squares."""
-    if not grads:
-        return []
-    norms = torch.stack([
+def norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per gradient its norm, as a float64 tensor (taken in float32 for low-precision
+    gradients, which holds their squares; no host sync)."""
+    return torch.stack([
         torch.linalg.vector_norm(g, dtype=torch.float64 if g.dtype == torch.float64
                                  else torch.float32).to(grads[0].device, torch.float64)
         for g in grads])
-    bound = torch.tensor(list(limits), dtype=torch.float64, device=norms.device)
-    if bool((norms <= bound).all()):
+
+
+def screen_whole(grads: Sequence[torch.Tensor], limits: Sequence[float]) -> list[str]:
+    """For whole gradients (data parallelism decides on them, the same on every rank):
+    per gradient "ok", "nonfinite" or "overflow", given each one's norm limit."""
+    if not grads:
+        return []
+    values = norms(grads)
+    bound = torch.tensor(list(limits), dtype=torch.float64, device=values.device)
+    if bool((values <= bound).all()):
         return ["ok"] * len(grads)
     return ["ok" if norm <= limit else
             "overflow" if bool(torch.isfinite(g).all()) else "nonfinite"
-            for g, norm, limit in zip(grads, norms.tolist(), limits)]
+            for g, norm, limit in zip(grads, values.tolist(), limits)]
+
+
+def screen_parts(parts: Sequence[torch.Tensor]) -> list[float | None]:
+    """For parts of gradients (a rank's rows of FSDP2 gradients, whose squares sum, over
+    the ranks, to the whole gradient's): per part its norm (Inf if finite entries
+    overflowed it), or None if it has a NaN/Inf entry. One host sync."""
+    if not parts:
+        return []
+    return [norm if math.isfinite(norm) or bool(torch.isfinite(part).all()) else None
+            for part, norm in zip(parts, norms(parts).tolist())]
+
+
+def part_verdict(largest: float, limit: float, parts: int) -> str:
+    """Whether a gradient whose norm's square is the sum of ``parts`` parts' squares,
+    the largest of norm ``largest``, exceeds ``limit``: "overflow" if that part alone
+    does, "ok" if ``parts`` such parts cannot, else "unsure" (the sum decides)."""
+    if largest > limit:
+        return "overflow"
+    return "ok" if largest <= limit / math.sqrt(parts) else "unsure"
 
 
 def unusable_params(gathered: Sequence[tuple["BlockStack", list[int], torch.Tensor | None]],

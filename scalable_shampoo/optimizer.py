@@ -33,8 +33,10 @@ from .gradient_screen import Skips, unusable_params
 from .matrix_functions import newton_fraction
 from .optimizer_state import StateDictMethods
 from .param_state import StateViews, new_step
-from .plans import ApplyPlan, Gathered, GroupPlan, build_plan, gather, stack_live, structure
+from .plans import (ApplyPlan, Gathered, GroupPlan, build_plan, gather, routing_of, stack_live,
+                    structure)
 from .preconditioner import BlockStack, StackState, root_dtype_of
+from .routing import Router
 from .sharded import (adopt_swapped, check_placements, local_shards, sharded_steps,
                       swapped)
 from .state_dicts import block_state, load_block_state
@@ -323,10 +325,10 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
                 loss = closure()
         data_parallel = self._data_parallel
         self._sharded = sharded_steps(self.param_groups)  # FSDP2 parameters' groups
-        if data_parallel is not None:
-            data_parallel.openers = {gi: s.join_failed for gi, s in self._sharded.items()}
-            data_parallel.begin_step([len(g["params"]) for g in self.param_groups],
-                                     check=not self._ranks_agree)
+        if data_parallel is not None:  # agreements: a status per parameter, a norm per FSDP2 one
+            data_parallel.begin_step(
+                [len(g["params"]) + (len(self._sharded[gi].indices) if gi in self._sharded else 0)
+                 for gi, g in enumerate(self.param_groups)], check=not self._ranks_agree)
         try:
             # Validate every group before touching any, so a bad value leaves no partial step.
             configs = [ShampooConfig.from_group(group) for group in self.param_groups]
@@ -413,23 +415,26 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
         apply = None
         sharded = self._sharded.get(index)
         shards = None if sharded is None else local_shards(params)
+        router, routed = None, frozenset()
         if exchange is not None:
             # Whatever can fail in the apply (views, casts, buffers) is prepared before the
             # agreement, which a rank that fails here joins as failed: then no rank has
             # changed any state, and none can fail after the others applied the update.
+            if sharded is not None:  # FSDP2: rows travel to their blocks' owners and back
+                routed = frozenset(sharded.indices)
+                router = Router(routing_of(plan, params, routed, self._data_parallel), shards,
+                                self._data_parallel.group, self._data_parallel.world_size)
             exchange.allocate()
             apply = ApplyPlan.prepare(params, plan.layouts,
-                                      [(pi, region) for pi, region, _ in exchange.received],
-                                      shards)
+                                      [(pi, region) for pi, region, _ in exchange.received])
         grads = [p.grad for p in params]
-        math_params = params  # what g + wd p reads: FSDP2 parameters made full
+        math_params = params  # what g + wd p reads: FSDP2 parameters' full tensors or rows
         if sharded is not None:
-            grads, math_params = sharded.full(grads)
-            if exchange is not None:
-                self._data_parallel.opened()
+            grads, math_params = sharded.full(grads) if router is None else sharded.local(grads)
         skips = Skips()
         if exchange is not None:  # decided on whole gradients, the same on every rank
-            grads, skips = self._data_parallel.agree(exchange, grads, math_params, config)
+            grads, skips = self._data_parallel.agree(exchange, grads, math_params, config,
+                                                     router)
         if all(g is None for g in grads) and not skips.all():
             return
         step = plan.step + 1
@@ -439,10 +444,16 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
         if config.weight_decay and not config.decoupled_weight_decay:
             grads = [None if g is None else g.add(p, alpha=config.weight_decay)
                      for g, p in zip(grads, math_params)]
-        merged = [g.reshape(layout.merged_shape) if g is not None and g.numel() > 0 else None
-                  for g, layout in zip(grads, plan.layouts)]
-        gathered = [gather(stack, pieces, merged)
+        inbox = None
+        if router is not None and router.present:  # this rank's blocks of the rows
+            self._data_parallel.route({pi: grads[pi] for pi in router.present})
+            inbox = router.take_inbox()
+        merged = [g.reshape(layout.merged_shape)
+                  if g is not None and g.numel() > 0 and pi not in routed else None
+                  for pi, (g, layout) in enumerate(zip(grads, plan.layouts))]
+        gathered = [gather(stack, pieces, merged, inbox)
                     for stack, pieces in zip(plan.stacks, plan.pieces)]
+        inbox = None  # frees the received elements: the stacks' blocks hold them now
         if exchange is None:
             skips = unusable_params([(stack, batch.rows, batch.blocks) for stack, batch
                                      in zip(plan.stacks, gathered)], config.factor_dtype)
@@ -483,13 +494,17 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
         if exchange is None:
             directions: list[torch.Tensor | None] = [v for _, _, v in own]
         else:  # every rank gets every block's v, in the boxes apply was prepared for
+            # (those of routed parameters: the update of its rows, for router.apply)
             if any(g is not None for g in grads):
                 self._data_parallel.gather(exchange, own)
             directions = [view if merged[pi] is not None else None
                           for pi, _, view in exchange.received]
         if journal is not None:
-            journal.keep_params(list(apply.updated_params(directions).values()))
+            journal.keep_params(list(apply.updated_params(directions).values())
+                                + ([] if router is None else router.updated()))
         apply.run(directions, config, scales)
+        if router is not None:
+            router.apply(config, scales)
         if counters:
             torch._foreach_add_(counters, 1.0)
         self._views.refresh(self.state, params, plan.stacks)

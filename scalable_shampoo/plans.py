@@ -17,7 +17,8 @@ from .config import STRUCTURAL_FIELDS, ShampooConfig
 from .distributed import DataParallel, Exchange
 from .eigenvalue_corrected import EigenvalueCorrectedStack
 from .preconditioner import BlockStack
-from .sharded import Shards
+from .routing import Inbox, Routing, apply_updates, build_routing
+from .sharded import Shards, is_sharded
 
 STACK_TYPES = {"shampoo": BlockStack, "eigenvalue_corrected": EigenvalueCorrectedStack}
 
@@ -56,6 +57,8 @@ class GroupPlan:
         param_refs: weak references to the parameters the plan was built for, whose
             ``optimizer.state`` entries it keys (a wrapper may swap the group's tensors
             for others of the same shapes: :func:`.sharded.adopt_swapped`).
+        routing: with data parallelism and FSDP2 parameters, where their elements travel
+            (:mod:`.routing`), made at the first step that routes them.
     """
 
     layouts: list[BlockLayout]
@@ -69,6 +72,7 @@ class GroupPlan:
     checked_root_setting: tuple | None = None
     exchange: Exchange | None = None
     param_refs: list[weakref.ref] = field(default_factory=list)
+    routing: Routing | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # weak references do not pickle; a copy re-learns its tensors at its next step
@@ -99,12 +103,25 @@ def build_plan(params: list[torch.Tensor], config: ShampooConfig, batched: bool,
     for pi, (param, layout) in enumerate(zip(params, layouts)):
         own = [] if param.numel() == 0 else block_regions(layout, one_block_each=not batched)
         if exchange is not None and own:  # this rank's boxes; the exchange records the others'
-            own = exchange.add_param(pi, own, _work_dtype(param.dtype), param.device)
+            own = exchange.add_param(pi, own, _work_dtype(param.dtype), param.device,
+                                     gathered=not is_sharded(param))
         regions.append(own)
     plan = GroupPlan(layouts, regions, live, [], [], [], structure(config), exchange=exchange,
                      param_refs=[weakref.ref(p) for p in params])
     stack_live(plan, params, config, batched)
     return plan
+
+
+def routing_of(plan: GroupPlan, params: list[torch.Tensor], routed: frozenset[int],
+               data_parallel: DataParallel) -> Routing:
+    """The plan's :class:`.routing.Routing` of its FSDP2 parameters ``routed``, made
+    once (again only if the group's tensors were swapped for others)."""
+    exchange = plan.exchange
+    exchange.reroute(routed)
+    if plan.routing is None or plan.routing.params != tuple(sorted(routed)):
+        plan.routing = build_routing(params, plan.layouts, exchange.boxes, routed,
+                                     data_parallel.world_size, data_parallel.rank)
+    return plan.routing
 
 
 def stack_live(plan: GroupPlan, params: list[torch.Tensor], config: ShampooConfig,
@@ -155,12 +172,16 @@ class Gathered:
     placements: list[tuple[Piece, int]]
 
 
-def gather(stack: BlockStack, pieces: list[Piece],
-           merged: list[torch.Tensor | None]) -> Gathered:
+def gather(stack: BlockStack, pieces: list[Piece], merged: list[torch.Tensor | None],
+           inbox: Inbox | None = None) -> Gathered:
     """Copies the gradient blocks of ``stack`` (from ``merged``, per parameter its
-    gradient in the merged shape, None to leave it out) into one ``(rows, *block_shape)``
-    tensor in the work dtype: one strided copy per region, not per block."""
-    present = [piece for piece in pieces if merged[piece.param] is not None]
+    gradient in the merged shape, None to leave it out, or for routed FSDP2 parameters
+    from ``inbox``: per ``(parameter, first block)`` of a box, the cuts it arrived in,
+    :attr:`.routing.Router.inbox`) into one ``(rows, *block_shape)`` tensor in the work
+    dtype: one strided copy per region (or cut), not per block."""
+    inbox = inbox or {}
+    present = [piece for piece in pieces if merged[piece.param] is not None
+               or (piece.param, piece.region.block_indices[0]) in inbox]
     if not present:
         return Gathered([], None, [])
     total = sum(piece.region.num_blocks for piece in present)
@@ -172,8 +193,13 @@ def gather(stack: BlockStack, pieces: list[Piece],
     for piece in present:
         region = piece.region
         count = region.num_blocks
-        blocks[position:position + count].view((*region.counts, *region.block_shape)).copy_(
-            region_view(merged[piece.param], region))
+        target = blocks[position:position + count].view((*region.counts, *region.block_shape))
+        cuts = inbox.get((piece.param, region.block_indices[0]))
+        if cuts is None:
+            target.copy_(region_view(merged[piece.param], region))
+        else:
+            for index, values in cuts:
+                target[index].copy_(values)
         rows.extend(range(piece.row, piece.row + count))
         placements.append((piece, position))
         position += count
@@ -208,9 +234,11 @@ class ApplyPlan:
                 boxes: list[tuple[int, BlockRegion]],
                 shards: Shards | None = None) -> "ApplyPlan":
         """For the directions of ``boxes`` (``(parameter index, region)``, in order).
-        A parameter in ``shards`` (FSDP2, :mod:`.sharded`) is updated in this rank's rows
-        only: its boxes there are assembled in a full-size buffer of its dtype, whose
-        rows are added to the local shard."""
+        A parameter in ``shards`` (FSDP2 without data parallelism, every block on every
+        rank: :mod:`.sharded`) is updated in this rank's rows only: its boxes there are
+        assembled in a full-size buffer of its dtype, whose rows are added to the local
+        shard. (Under data parallelism its updates arrive as its rows' cuts instead:
+        :class:`.routing.Router`.)"""
         shards = shards or {}
         targets = [shards[pi].local if pi in shards else p for pi, p in enumerate(params)]
         plan = cls(targets, [pi for pi, _ in boxes], [], [])
@@ -254,22 +282,14 @@ class ApplyPlan:
         """``p <- p - lr * wd * p`` (decoupled) then ``p <- p - lr * scale * v`` for the
         parameters whose boxes have directions (``directions[box]``, None: the parameter
         is skipped), ``scale`` the parameter's (``scales``, by index: its bias correction,
-        of its own step count). The scale folds into the step size: the same ops, and so
-        the same rounding, in one process and on every rank; one fused add per distinct
-        scale (one in all unless the parameters' step counts differ)."""
+        of its own step count): :func:`.routing.apply_updates`, after the casts."""
         present = self.updated_params(directions)
         if not present:
             return
-        if config.weight_decay and config.decoupled_weight_decay:
-            torch._foreach_mul_(list(present.values()), 1 - config.lr * config.weight_decay)
         for box, buffer in self.copies:
             if directions[box] is not None:
                 buffer.copy_(directions[box])
-        by_scale: dict[float, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for pi, target, delta in self.adds:
-            if pi in present:
-                by_scale.setdefault(scales[pi], []).append(
-                    (target, directions[delta] if isinstance(delta, int) else delta))
-        for scale, adds in by_scale.items():
-            torch._foreach_add_([t for t, _ in adds], [d for _, d in adds],
-                                alpha=-config.lr * scale)
+        apply_updates(present, [(pi, target, directions[delta] if isinstance(delta, int)
+                                 else delta)
+                                for pi, target, delta in self.adds if pi in present],
+                      config, scales)

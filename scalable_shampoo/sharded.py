@@ -4,30 +4,36 @@ FSDP2 makes each parameter a ``DTensor`` sharded along dimension 0 over a 1-D de
 mesh: a rank holds rows ``[start, stop)`` of it (``torch.chunk``'s split: chunks of
 ``ceil(n / world)`` rows, the last ranks' possibly shorter or empty), and after the
 backward the same rows of the gradient. Shampoo's blocks are those of the *full*
-parameter, so that the numerics do not depend on the world size:
+parameter, so that the numerics do not depend on the world size.
 
-1. per param group, one all-gather per dtype (:func:`gather_full`) gives every rank the
-   full gradients (each rank's rows padded to ``ceil(n / world)``, with one status
-   element for the failure protocol of :mod:`.distributed` and one presence flag per
-   parameter);
-2. the data-parallel machinery runs unchanged on those full gradients: each block's owner
-   (:func:`.distributed.assign_blocks`) keeps its state and computes its direction, and
-   the existing all-gather of directions gives every rank every block's direction;
-3. each rank adds to its own rows only (:class:`Shards`, consumed by
-   :meth:`.plans.ApplyPlan.prepare`): the directions are assembled into a full-size buffer
-   in the parameter's dtype (the same rounding a one-process low-precision update has)
-   and the rank's rows of it are added to ``p.to_local()``.
+Under data parallelism (the default) no rank holds a full parameter or gradient: each
+block's owner (:func:`.distributed.assign_blocks`) keeps its state, and per param group
+and step
 
-The parameters themselves are never gathered (except with coupled weight decay, whose
-gradient ``g + wd p`` needs the full ``p``: then they travel in the same all-gather).
-Per step a rank receives the full gradients (``(world - 1) / world`` of the parameters'
-elements) and the directions of the blocks it does not own; the block state lives on
-its owner only, so the optimizer's memory per rank falls with the world size. Root steps
-add no communication: roots are computed by the owner from its own statistics.
+1. one small all-reduce, the data-parallel agreement, decides on every rank which
+   parameters are skipped (no gradient, or a NaN/Inf in some rank's rows, or a whole
+   gradient whose squares overflow, decided from the ranks' norms of their rows) and
+   whether a rank failed;
+2. one all-to-all per parameter dtype sends each owner the elements of its blocks in
+   each rank's rows (:mod:`.routing`; :meth:`ShardedStep.local` gives the rows, with
+   coupled weight decay ``g + wd p`` computed on them), and the owner runs the per-block
+   machinery on them;
+3. one more all-to-all brings each rank the update of its rows, which it adds to
+   ``p.to_local()`` with the float operations one process runs.
+
+Root steps add no communication: roots are computed by the owner from its own
+statistics.
+
+Without data parallelism (``distributed=False``, or one process) every rank keeps every
+block: one all-gather per dtype (:func:`gather_full`) gives it the full gradients (and
+with coupled weight decay the parameters), and it adds its rows of the update
+(:class:`Shards`, consumed by :meth:`.plans.ApplyPlan.prepare`: the directions are
+assembled into a full-size buffer in the parameter's dtype, the same rounding a
+one-process low-precision update has, and the rank's rows of it are added).
 
 Only what this describes is accepted (:func:`check_placements`, at construction): a
-``DTensor`` on a 1-D mesh with placement ``Shard(0)``, split as ``torch.chunk`` splits,
-over the optimizer's own process group.
+``DTensor`` on a 1-D mesh with placement ``Shard(0)``, split as ``torch.chunk`` splits
+into contiguous local shards, over the optimizer's own process group.
 """
 
 from __future__ import annotations
@@ -105,6 +111,9 @@ def check_placements(group: dict[str, Any], index: int, data_parallel: Any) -> N
         if param.dim() == 0 or local != expected:
             raise ValueError(f"{where} is a DTensor whose local shard on rank {rank} has "
                              f"shape {local}, not torch.chunk's {expected}; {fix}")
+        if not param.to_local().is_contiguous():  # its rows are updated through views
+            raise ValueError(f"{where} is a DTensor whose local shard on rank {rank} is "
+                             f"not contiguous (strides {param.to_local().stride()}); {fix}")
 
 
 @dataclass(frozen=True)
@@ -156,55 +165,52 @@ def _local(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def gather_full(params: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor | None],
-                failed: bool = False) -> tuple[list[torch.Tensor | None], list[bool]]:
+def gather_full(params: Sequence[torch.Tensor],
+                tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
     """The full tensors of sharded ``params`` from every rank's rows (``tensors``, per
-    parameter its local gradient or parameter shard, None: absent) and, per rank, whether
-    it failed. One all-gather per parameter dtype over the mesh's group; a parameter's
-    full tensor is present if every rank had its rows. The copies are exact."""
+    parameter its local gradient or parameter shard, None: absent). One all-gather per
+    parameter dtype over the mesh's group; a parameter's full tensor is present if every
+    rank had its rows. The copies are exact."""
     mesh = params[0].device_mesh
     group, size = mesh.get_group(), mesh.size()
     buckets: dict[tuple, list[int]] = {}
     for i, param in enumerate(params):
         buckets.setdefault((param.dtype, param.to_local().device), []).append(i)
     full: list[torch.Tensor | None] = [None] * len(params)
-    failures = [False] * size
     rank = dist.get_rank(group)
     for (dtype, device), members in buckets.items():
         rows = [math.prod(params[i].shape[1:]) for i in members]
         chunks = [-(-params[i].shape[0] // size) * r for i, r in zip(members, rows)]
-        head = 1 + len(members)  # status element, presence flags
+        head = len(members)  # presence flags
         segment = head + sum(chunks)
         buffer = torch.zeros(size * segment, dtype=dtype, device=device)
         own = buffer[rank * segment:(rank + 1) * segment]
-        own[0] = float(failed)
         offset = head
         for j, (i, chunk) in enumerate(zip(members, chunks)):
             tensor = tensors[i]
-            if tensor is not None and not failed:
+            if tensor is not None:
                 local = _local(tensor, params[i]).reshape(-1)
                 own[offset:offset + local.numel()].copy_(local)
-                own[1 + j] = 1.0
+                own[j] = 1.0
             offset += chunk
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         gather(buffer, own, group=group)
         table = buffer.view(size, segment)
-        failures = [f or bool(x) for f, x in zip(failures, table[:, 0].tolist())]
-        present = (table[:, 1:head] != 0).all(dim=0).tolist()
+        present = (table[:, :head] != 0).all(dim=0).tolist()
         offset = head
         for j, (i, chunk, row) in enumerate(zip(members, chunks, rows)):
             if present[j]:
                 shape = tuple(params[i].shape)
                 full[i] = table[:, offset:offset + chunk].reshape(-1)[:shape[0] * row].view(shape)
             offset += chunk
-    return full, failures
+    return full
 
 
 class ShardedStep:
-    """The FSDP2 side of one param group's step: gathers the full gradients (and, with
-    coupled weight decay, parameters) before the data-parallel agreement. It is the
-    group's first collective (:attr:`.distributed.DataParallel.openers`): a rank that
-    failed earlier in the step joins it marked as failed, and every rank then raises."""
+    """The FSDP2 side of one param group's step: its sharded parameters' gradients
+    (and, with coupled weight decay, parameters) as the rest of the step takes them:
+    full (:meth:`full`, every block on every rank) or this rank's rows (:meth:`local`,
+    routed to the blocks' owners, :mod:`.routing`)."""
 
     def __init__(self, group: dict[str, Any]) -> None:
         self.params = list(group["params"])
@@ -213,37 +219,31 @@ class ShardedStep:
         self.with_params = bool(group.get("weight_decay")) and not group.get(
             "decoupled_weight_decay", True)
 
-    def _gather(self, tensors: Sequence[torch.Tensor | None],
-                failed: bool) -> tuple[list[torch.Tensor | None], list[bool]]:
-        return gather_full([self.params[i] for i in self.indices], tensors, failed)
-
-    def join_failed(self) -> None:
-        """What a rank that failed runs instead of :meth:`full`."""
-        for _ in range(1 + self.with_params):
-            self._gather([None] * len(self.indices), True)
-
     def full(self, grads: list[torch.Tensor | None]
              ) -> tuple[list[torch.Tensor | None], list[torch.Tensor]]:
         """The group's gradients with the sharded ones made full, and its parameters for
         the arithmetic on gradients (with coupled weight decay full ones for the sharded
-        parameters, else the parameters themselves, of which only the dtype is read).
-        Raises :class:`.distributed.PeerFailure` if a rank failed."""
-        from .distributed import PeerFailure
-
-        gathered, failed = self._gather([grads[i] for i in self.indices], False)
+        parameters, else the parameters themselves, of which only the dtype is read)."""
+        sharded = [self.params[i] for i in self.indices]
+        gathered = gather_full(sharded, [grads[i] for i in self.indices])
         params: list[torch.Tensor] = list(self.params)
         if self.with_params:
-            full_params, more = self._gather([self.params[i] for i in self.indices], False)
-            failed = [a or b for a, b in zip(failed, more)]
-            for i, tensor in zip(self.indices, full_params):
+            for i, tensor in zip(self.indices, gather_full(sharded, sharded)):
                 params[i] = tensor
-        ranks = [r for r, f in enumerate(failed) if f]
-        if ranks:
-            raise PeerFailure(f"Shampoo.step() failed on rank(s) {ranks} "
-                              "(see the error raised there); no parameter was updated here")
         grads = list(grads)
         for i, tensor in zip(self.indices, gathered):
             grads[i] = tensor
+        return grads, params
+
+    def local(self, grads: list[torch.Tensor | None]
+              ) -> tuple[list[torch.Tensor | None], list[torch.Tensor]]:
+        """The group's gradients and parameters with, for the sharded ones, this rank's
+        rows (contiguous)."""
+        grads, params = list(grads), list(self.params)
+        for i in self.indices:
+            params[i] = self.params[i].to_local()
+            if grads[i] is not None:
+                grads[i] = _local(grads[i], self.params[i]).contiguous()
         return grads, params
 
 

@@ -1,5 +1,6 @@
 """The gradient screen: which gradients would poison the state (NaN/Inf, or squares
-that overflow it) and are skipped; the whole-gradient form that data parallelism uses."""
+that overflow it) and are skipped; the whole-gradient form that data parallelism uses,
+and its parts (FSDP2 rows) whose norms combine over the ranks."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import math
 import pytest
 import torch
 
-from scalable_shampoo.gradient_screen import largest_norm, norm_limit, screen_rows, screen_whole
+from scalable_shampoo.gradient_screen import (largest_norm, norm_limit, part_verdict,
+                                              screen_parts, screen_rows, screen_whole)
 
 
 def test_the_limit_is_the_norm_whose_square_fits_the_smaller_dtype():
@@ -49,3 +51,18 @@ def test_rows_are_judged_per_block():
     blocks[2, 0, 0] = math.nan
     (ok,) = screen_rows([blocks], [largest_norm(torch.float32, torch.float32)])
     assert ok.tolist() == [True, False, False]
+
+
+def test_parts_give_their_norms_or_none_for_nan_and_inf():
+    finite = torch.tensor([[3.0, 4.0]])
+    huge = torch.full((2,), 3e38)  # finite entries whose norm overflows float32
+    assert screen_parts([finite, huge, torch.tensor([1.0, math.nan]),
+                         torch.tensor([math.inf])]) == [5.0, math.inf, None, None]
+
+
+@pytest.mark.parametrize("largest, parts, verdict", [
+    (1.0, 4, "ok"), (5.0, 4, "ok"),  # 4 parts of norm 5 at most: 10, the limit
+    (5.1, 4, "unsure"), (10.0, 4, "unsure"), (10.5, 4, "overflow"), (7.0, 2, "ok"), (7.1, 2, "unsure"),
+    (10.0, 1, "ok"), (math.inf, 3, "overflow")])
+def test_a_largest_part_decides_unless_the_sum_of_squares_must(largest, parts, verdict):
+    assert part_verdict(largest, 10.0, parts) == verdict

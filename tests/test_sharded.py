@@ -1,19 +1,24 @@
-"""Shampoo on FSDP2 parameters (scalable_shampoo.sharded): the row split and box overlap
-as pure functions, and gloo runs at 2 and 3 ranks (tests/fsdp2_workers.py) against the
-one-process optimizer: bitwise on the same gradients (classic and eigenvalue-corrected;
-merged, split and unpreconditioned dimensions; coupled weight decay), with background
-roots and a NaN gradient; FSDP2's own backward to rounding; checkpoints saved at 2 ranks
-resumed at 2, 3 and 1; refusals of other placements; a failing rank's peers raise."""
+"""Shampoo on FSDP2 parameters (scalable_shampoo.sharded, scalable_shampoo.routing): the
+row split, box overlap and routing cuts as pure functions, and gloo runs at 2 and 3 ranks
+(tests/fsdp2_workers.py) against the one-process optimizer: bitwise on the same gradients
+(classic and eigenvalue-corrected; merged, split and unpreconditioned dimensions; coupled
+weight decay; ranks without rows or blocks; unsharded parameters beside sharded ones),
+with background roots and a NaN gradient; FSDP2's own backward to rounding; checkpoints
+saved at 2 ranks resumed at 2, 3 and 1; refusals of other placements; a failing rank's
+peers raise, before and between the all-to-alls; no collective moves a full param group;
+overflow decided on the whole gradient; parameters swapped after the plan was built."""
 
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from scalable_shampoo.blocking import block_layout, block_regions, region_view
-from scalable_shampoo.distributed import load_checkpoint
+from scalable_shampoo.distributed import Exchange, load_checkpoint
+from scalable_shampoo.routing import build_routing, flat_rows, rows_view
 from scalable_shampoo.sharded import Shard0, rows_of
 from tests import distributed_workers as workers
 from tests import fsdp2_workers as fsdp2
@@ -49,6 +54,51 @@ def test_box_overlap_keeps_every_box_with_local_elements(shape, block_size):
     assert skipped > 0
 
 
+ROUTING_CASES = [((12, 6), 4, 12), ((2, 2, 3, 12), 4, 12), ((9,), 2, 12), ((5, 7), 3, 12),
+                 ((3, 24), 4, 12), ((1, 5), 2, 12), ((7, 1, 3), 2, 100), ((1,), 4, 8),
+                 ((10, 9), 4, 6), ((20, 3), 2, 100)]
+
+
+@pytest.mark.parametrize("shape,block_size,max_dim", ROUTING_CASES)
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_routing_sends_each_element_of_a_ranks_rows_once_to_its_blocks_owner(
+        shape, block_size, max_dim, world_size):
+    """build_routing against the elements' flat indices: a rank's cuts, as views of its
+    rows (a copy, as a local shard is), hold exactly the elements of the owner's box they
+    name; every element of the rank's rows is sent once; the owner expects the same cuts
+    in the same order; and each owner receives every element of its boxes once."""
+    layout = block_layout(shape, block_size, max_dim)
+    param = torch.empty(shape)
+    index = torch.arange(param.numel()).reshape(layout.merged_shape)
+    exchanges = [Exchange.plan([param], [layout], SimpleNamespace(world_size=world_size,
+                                                                  rank=rank), None)
+                 for rank in range(world_size)]
+    for exchange in exchanges:
+        exchange.add_param(0, block_regions(layout), torch.float32, param.device,
+                           gathered=False)
+    routings = [build_routing([param], [layout], e.boxes, [0], world_size, e.rank)
+                for e in exchanges]
+    boxes = {box.block_indices[0]: box for _, box in exchanges[0].boxes[0]}
+    received: list[list[int]] = [[] for _ in range(world_size)]
+    for rank, routing in enumerate(routings):
+        lo, hi = flat_rows(shape, world_size, rank)
+        rows = index.reshape(-1)[lo:hi].clone()
+        sent = []
+        for owner, cuts in enumerate(routing.sends[0]):
+            assert cuts == routings[owner].receives[0][rank]
+            for cut in cuts:
+                values = rows_view(rows, cut, lo)
+                assert torch.equal(values, region_view(index, boxes[cut.key])[cut.index])
+                assert exchanges[0].owners[0][cut.key] == owner
+                sent += values.flatten().tolist()
+                received[owner] += values.flatten().tolist()
+        assert sorted(sent) == list(range(lo, hi))
+    for owner, exchange in enumerate(exchanges):
+        owned = [region_view(index, box).flatten().tolist()
+                 for o, box in exchange.boxes[0] if o == owner]
+        assert sorted(received[owner]) == sorted(v for box in owned for v in box)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
@@ -63,6 +113,7 @@ def runs(tmp_path_factory):
             "poisoned": fsdp2.train("shampoo", False, poison_at=fsdp2.POISON_AT),
             "delayed": fsdp2.train("shampoo", False, **fsdp2.DELAYED),
             "model": workers.train_single(torch.float32, False, stop=fsdp2.MODEL_STEPS),
+            "small": fsdp2.small(False),
         }
     finally:
         torch.set_num_threads(threads)
@@ -164,13 +215,54 @@ def test_other_placements_are_refused_naming_the_parameter(runs):
     assert "'layer.shard1'" in messages["shard1"] and "Shard(dim=1)" in messages["shard1"]
     assert "'layer.replicate'" in messages["replicate"] and "Replicate()" in messages["replicate"]
     assert "'layer.mesh2d'" in messages["mesh2d"] and "2-D device mesh" in messages["mesh2d"]
+    assert "'layer.strided'" in messages["strided"] and "not contiguous" in messages["strided"]
     assert all("Shard(0) over a 1-D mesh" in m for m in messages.values())
 
 
 def test_a_failing_rank_makes_every_rank_raise(runs):
     _, _, two, _ = runs
-    assert two[0]["failure"] == "RuntimeError: injected"
-    assert two[1]["failure"].startswith("PeerFailure") and "rank(s) [0]" in two[1]["failure"]
+    failure = {rank: record["failures"]["prepare"][0] for rank, record in enumerate(two)}
+    assert failure[0] == "RuntimeError: injected"
+    assert failure[1].startswith("PeerFailure") and "rank(s) [0]" in failure[1]
+
+
+@pytest.mark.parametrize("where", ["route", "gather"])
+def test_a_rank_failing_between_the_routes_makes_every_rank_raise_untouched(runs, where):
+    """Rank 0 fails after the agreement, before the gradient rows travel to the blocks'
+    owners ("route") or after, before the updates travel back ("gather"): every rank
+    raises, and no rank changed a parameter."""
+    _, _, two, _ = runs
+    (first, untouched_first), (second, untouched_second) = (
+        record["failures"][where] for record in two)
+    assert first == "RuntimeError: injected" and untouched_first
+    assert second.startswith("PeerFailure") and "rank(s) [0]" in second and untouched_second
+
+
+def test_no_collective_moves_a_full_parameter_group(runs):
+    """The gradient rows travel to the blocks' owners, the updates back to the rows'
+    ranks: no collective of a step moves as many elements as the larger param group
+    (the whole gradients' all-gather did, and the directions' all-gather buffer)."""
+    _, _, two, three = runs
+    params = workers.bitwise_params()
+    group = max(sum(params[name].numel() for name in names)
+                for names in (("w1", "w2", "mix"), ("w3", "b1", "b2", "b3")))
+    assert all(record["largest_collective"] < group for record in two + three)
+
+
+def test_overflow_is_decided_on_the_whole_gradient_from_the_ranks_rows(runs):
+    _, _, two, _ = runs
+    assert all(record["overflow"] == {"over": 1, "under": 0} for record in two)
+
+
+def test_ranks_without_rows_or_blocks_of_a_group_and_unsharded_parameters_take_part(runs):
+    _, single, two, three = runs
+    assert all(_equal(record["small"], single["small"]) for record in two + three)
+
+
+def test_parameters_swapped_after_the_plan_was_built_are_routed(runs):
+    _, single, two, _ = runs
+    assert all(_equal(record["swapped"], single["bitwise"]["shampoo"]["params"])
+               for record in two)
 
 
 @pytest.mark.parametrize("swap_at", [0, 3])
