@@ -38,8 +38,11 @@ def update_factors_(factors: Sequence[torch.Tensor], blocks: torch.Tensor,
     """``S_i <- beta2 S_i + (1 - beta2) B_(i) B_(i)^T`` for each preconditioned ``dims[i]``
     (``S_i += B_(i) B_(i)^T`` when ``beta2 == 1``); ``factors[i]`` is ``(N, d (d + 1) / 2)``,
     packed (:mod:`.symmetric_packing`)."""
+    cast: dict[torch.dtype, torch.Tensor] = {}  # the blocks in each factor dtype, once
     for factor, dim in zip(factors, dims):
-        pack_outer_products(matricize(blocks.to(factor.dtype), dim), factor, beta2)
+        if factor.dtype not in cast:
+            cast[factor.dtype] = blocks.to(factor.dtype)
+        pack_outer_products(matricize(cast[factor.dtype], dim), factor, beta2)
 
 
 def precondition(blocks: torch.Tensor, roots: dict[int, torch.Tensor]) -> torch.Tensor:
