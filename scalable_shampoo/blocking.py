@@ -22,14 +22,16 @@ from typing import Sequence
 import torch
 
 
-def merged_shape(shape: Sequence[int], block_size: int) -> tuple[int, ...]:
-    """Squeezes size-1 dimensions, then merges adjacent ones left to right while the
-    product stays <= ``block_size``. ``(64, 3, 3, 3)`` with 1024 gives ``(576, 3)``."""
+def merged_shape(shape: Sequence[int], block_size: int,
+                 merge_dims: bool = True) -> tuple[int, ...]:
+    """Squeezes size-1 dimensions, then (``merge_dims``) merges adjacent ones left to
+    right while the product stays <= ``block_size``. ``(64, 3, 3, 3)`` with 1024 gives
+    ``(576, 3)``; without ``merge_dims``, ``(64, 3, 3, 3)``."""
     merged: list[int] = []
     for size in shape:
         if size == 1:
             continue
-        if merged and merged[-1] * size <= block_size:
+        if merge_dims and merged and merged[-1] * size <= block_size:
             merged[-1] *= size
         else:
             merged.append(size)
@@ -75,13 +77,13 @@ class BlockLayout:
 
 
 def block_layout(shape: Sequence[int], block_size: int, max_preconditioned_dim: int,
-                 precondition_1d: bool = True) -> BlockLayout:
+                 precondition_1d: bool = True, merge_dims: bool = True) -> BlockLayout:
     """The :class:`BlockLayout` of a parameter of ``shape``. Without ``precondition_1d``,
     a parameter with at most one dimension of size > 1 (a vector, once squeezed) gets
     no factor at all."""
     if block_size < 1 or max_preconditioned_dim < 1:
         raise ValueError("block_size and max_preconditioned_dim must be >= 1")
-    merged = merged_shape(shape, block_size)
+    merged = merged_shape(shape, block_size, merge_dims)
     vector = sum(size > 1 for size in shape) <= 1
     preconditioned = tuple(size <= max_preconditioned_dim and (precondition_1d or not vector)
                            for size in merged)

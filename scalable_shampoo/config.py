@@ -34,7 +34,7 @@ FLOAT_DTYPES = (torch.float32, torch.float64)
 
 # Fields whose change after the first step would change the state's layout.
 STRUCTURAL_FIELDS = ("block_size", "max_preconditioned_dim", "factor_dtype", "grafting",
-                     "preconditioner", "precondition_1d")
+                     "preconditioner", "precondition_1d", "merge_dims")
 
 
 def _check_real(name: str, value: Any, low: float, high: float, *, low_open: bool = False,
@@ -115,7 +115,19 @@ class ShampooConfig:
         weight_decay: >= 0. Decoupled (AdamW-style, ``p -= lr * wd * p``) unless
             ``decoupled_weight_decay=False``, then added to the gradient. Default 0.
         block_size: >= 1. Adjacent dimensions are merged while their product stays
-            <= block_size, larger ones split into chunks of block_size. Default 1024.
+            <= block_size (with ``merge_dims``), larger ones split into chunks of
+            block_size. Default 1024.
+        merge_dims: whether adjacent dimensions are merged up to ``block_size`` (size-1
+            dimensions are squeezed either way). True merges a conv kernel
+            ``(32, 16, 3, 3)`` into ``(512, 9)`` and a ``(6, 25)`` weight into one
+            150-long vector whose single full-matrix factor is rank deficient for its
+            first 150 gradients; False keeps one factor per dimension, as
+            pytorch-optimizer's SOAP does. Measured on the ``compare`` workloads with the
+            SOAP settings (seed 0, best held-out loss): False was better on ``image``
+            (0.0015 against 0.0079 at lr 1e-3) and worse on ``autoencoder`` (0.101
+            against 0.0987, whose 6-unit bottleneck gains from the full-matrix factor of
+            its merged weights), with no fewer steps to AdamW's target on either; see
+            docs/convergence.md. Default True.
         max_preconditioned_dim: >= 1. A (merged) dimension above this gets no factor
             (identity) and is not split; e.g. a large embedding vocabulary. Default 8192.
         precondition_frequency: >= 1 steps between root recomputations. Default 100.
@@ -131,12 +143,28 @@ class ShampooConfig:
             (the default) means "adam" for both preconditioners; it is resolved here, so
             the attribute always holds a method's name (a param group keeps None and
             resolves by its own preconditioner). For "eigenvalue_corrected", "adam"
-            (the grafting direction of the gradient, without momentum) keeps the step's
+            (the grafting direction of the gradient, without momentum, or of the first
+            moment with ``grafting_momentum``) keeps the step's
             size where a basis concentrates it: a factor that has seen few gradients
             (a merged small layer, any factor early on) spans few directions, and Adam
             in that basis moves along those alone, so each basis refresh cut the step
             norm 3-17x (docs/convergence.md); with "none" (SOAP's own rule) the step is
             the rotated Adam step as it is.
+        grafting_momentum: eigenvalue_corrected only (classic Shampoo's ``first_moment``
+            decides there). With grafting, whether each block's step takes the norm of the
+            grafting method's direction of the *first moment* (True: ``m_hat / (sqrt(v_hat)
+            + eps)`` for "adam", Adam's actual step, or with Nesterov of ``b1 m_hat + (1 -
+            b1) g``, as classic Shampoo with ``first_moment="gradient"`` grafts) or of the
+            gradient (False: ``g / (sqrt(v_hat) + eps)``, Adam's step without momentum).
+            True keeps the learning rate on AdamW's scale and the step shrinking where the
+            gradients' directions disagree, as Adam's does; it costs one more rotation
+            per step (the first moment is stored rotated). False makes the step about
+            ``sqrt((1 + b1) / (1 - b1))`` times larger where the gradient is mostly noise
+            (6x for b1 = 0.95), so the best learning rate is lower (1e-3 instead of AdamW's
+            3e-3 to 1e-2). Measured with the SOAP settings on ``image`` and
+            ``autoencoder`` (two seeds; docs/convergence.md), True took fewer steps to
+            AdamW's target on both, a higher final held-out loss on ``autoencoder`` and a
+            similar one on ``image``. Default False.
         grafting_beta2: in (0, 1), second-moment EMA of rmsprop/adam grafting (1 would
             freeze the accumulator at 0). Default 0.999.
         grafting_epsilon: > 0, denominator guard of adagrad/rmsprop/adam grafting.
@@ -259,6 +287,8 @@ class ShampooConfig:
     precondition_1d: bool | None = None
     relative_epsilon: bool = True
     first_moment: str | None = None
+    merge_dims: bool = True
+    grafting_momentum: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr", _scalar("lr", self.lr))
@@ -308,6 +338,8 @@ class ShampooConfig:
         _check_real("exponent_multiplier", self.exponent_multiplier, 0.0, math.inf,
                     low_open=True)
         _check_bool("relative_epsilon", self.relative_epsilon)
+        _check_bool("merge_dims", self.merge_dims)
+        _check_bool("grafting_momentum", self.grafting_momentum)
         _check_bool("nesterov", self.nesterov)
         _check_bool("bias_correction", self.bias_correction)
         _check_bool("decoupled_weight_decay", self.decoupled_weight_decay)

@@ -45,7 +45,8 @@ Conventions and choices (the closing note of issue 6 discusses them):
   rounding noise, which Adam's normalization turns into full-size steps) and float64
   factors, rounding-level perturbations stay at rounding level.
 - Grafting ("adam" by default; SOAP has none): each block's step takes the norm of Adam's
-  step without momentum for the same gradient. A factor that has seen few gradients
+  step without momentum for the same gradient (with ``grafting_momentum``, of Adam's
+  actual step, with the first moment rotated back to parameter space for it). A factor that has seen few gradients
   spans few directions, and Adam in its basis moves along those alone: without
   grafting, every refresh cut each weight's update norm 3-17x on a rank-deficient
   merged layer, and the loss of a full-batch regression ended 10x above AdamW's
@@ -62,7 +63,7 @@ from typing import ClassVar, Iterable
 import torch
 
 from .config import ShampooConfig
-from .grafting import graft, graft_direction_
+from .grafting import graft, scaled_by_graft_state, update_graft_state_
 from .matrix_functions import symmetric_eigh
 from .preconditioner import BlockStack, RootRecord, StackState
 from .symmetric_packing import unpack_symmetric
@@ -357,12 +358,11 @@ def eigenvalue_corrected_direction_(stack: EigenvalueCorrectedStack, state: Stac
     ``beta1 m_hat' + (1 - beta1) g'``); ``P = d' x_i U_i``. The first moment's bias
     correction is returned as ``scale`` (it folds into the step size). With grafting,
     ``P`` takes per block the norm of the grafting direction of ``g`` (:mod:`.grafting`, which
-    holds no momentum), and ``scale`` is 1. Updates ``state`` in place; ``grads`` is
-    left as it is."""
+    holds no momentum) or, with ``grafting_momentum``, of the numerator rotated back to
+    parameter space (``m_hat``, or Nesterov's ``beta1 m_hat + (1 - beta1) g``), and
+    ``scale`` is 1. Updates ``state`` in place; ``grads`` is left as it is."""
     beta1, beta2 = config.betas
-    grafted = (None if config.grafting == "none" else
-               graft_direction_(config.grafting, grads, state.graft, step,
-                                config.grafting_beta2, config.grafting_epsilon))
+    update_graft_state_(config.grafting, grads, state.graft, config.grafting_beta2)
     rotated = bool(stack.dims) and stack.has_basis()  # before the first basis: identity
     g = stack.multiply(grads, state.roots) if rotated else grads
     if beta2 == 1.0:
@@ -375,7 +375,7 @@ def eigenvalue_corrected_direction_(stack: EigenvalueCorrectedStack, state: Stac
         pool_null_(state.second_moment, masks, stack.dims)
     denominator = adam_denominator(state.second_moment, beta2, step, config.bias_correction,
                                    config.adam_epsilon)
-    scale = 1.0
+    scale, correction = 1.0, 1.0
     if beta1 == 0.0:
         numerator = g
     else:
@@ -389,9 +389,18 @@ def eigenvalue_corrected_direction_(stack: EigenvalueCorrectedStack, state: Stac
     direction = torch.div(numerator, denominator, out=denominator)
     if rotated:
         direction = stack.multiply(direction, [basis.mT for basis in state.roots])
-    if grafted is not None:
-        return graft(direction, grafted, inplace=True), 1.0
-    return direction, scale
+    if config.grafting == "none":
+        return direction, scale
+    if config.grafting_momentum and beta1 > 0.0:
+        # The first moment in parameter space (rotated back: m' is stored rotated).
+        moment = (stack.multiply(numerator, [basis.mT for basis in state.roots]) if rotated
+                  else numerator.clone())
+        grafting_numerator = moment if scale == 1.0 else moment.div_(correction)
+    else:
+        grafting_numerator = grads
+    grafted = scaled_by_graft_state(config.grafting, grafting_numerator, state.graft, step,
+                                    config.grafting_beta2, config.grafting_epsilon)
+    return graft(direction, grafted, inplace=True), 1.0
 
 
 def basis_metrics(stacks: Iterable[BlockStack]) -> dict[str, int]:

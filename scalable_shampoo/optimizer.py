@@ -109,7 +109,8 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
     ``bias_correction``, ``decoupled_weight_decay``, ``newton_max_iterations``,
     ``newton_tolerance``, ``root_failure_threshold``, ``eigenbasis_method``,
     ``basis_refresh_tolerance``, ``factor_beta``, ``precondition_1d``,
-    ``relative_epsilon``, ``first_moment``) with its range and default. Bad values raise a
+    ``relative_epsilon``, ``first_moment``, ``merge_dims``, ``grafting_momentum``) with its
+    range and default. Bad values raise a
     ``ValueError`` or ``TypeError`` naming the argument, at construction or at the next
     ``step()`` (before anything changes).
 
@@ -208,7 +209,8 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
                  basis_refresh_tolerance: float = 0.0, factor_beta: float | None = None,
                  adam_epsilon: float = 1e-8, root_delay: int | None = None,
                  precondition_1d: bool | None = None, relative_epsilon: bool = True,
-                 first_moment: str | None = None, *,
+                 first_moment: str | None = None, merge_dims: bool = True,
+                 grafting_momentum: bool = False, *,
                  foreach: bool = True, async_roots: bool | str = False,
                  root_workers: int | None = None, distributed: bool = True,
                  process_group: Any = None) -> None:
@@ -229,6 +231,7 @@ class Shampoo(StateDictMethods, torch.optim.Optimizer):
             eigenbasis_method=eigenbasis_method, basis_refresh_tolerance=basis_refresh_tolerance,
             factor_beta=factor_beta, adam_epsilon=adam_epsilon, precondition_1d=precondition_1d,
             relative_epsilon=relative_epsilon, first_moment=first_moment,
+            merge_dims=merge_dims, grafting_momentum=grafting_momentum,
         ).as_dict()
         defaults["lr"] = lr  # a tensor stays one, for schedulers (as in torch.optim)
         # None stays: each group resolves these by its own preconditioner.

@@ -96,7 +96,7 @@ def build_plan(params: list[torch.Tensor], config: ShampooConfig, batched: bool,
     ``data_parallel``, the blocks are assigned to ranks (balancing the loads on from
     the ``previous`` group's) and the stacks get this rank's blocks only."""
     layouts = [block_layout(p.shape, config.block_size, config.max_preconditioned_dim,
-                            config.precondition_1d) for p in params]
+                            config.precondition_1d, config.merge_dims) for p in params]
     exchange = None if data_parallel is None else Exchange.plan(
         params, layouts, data_parallel, previous.exchange if previous else None)
     regions: list[list[BlockRegion]] = []

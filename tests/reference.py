@@ -233,7 +233,7 @@ class ReferenceEigenvalueCorrected(ReferenceShampoo):
 
     def __init__(self, params, merged_shapes, grafting=None, eigenbasis_method="eigh",
                  basis_refresh_tolerance=0.0, factor_beta=None, adam_epsilon=1e-8,
-                 precondition_1d=None, **options):
+                 precondition_1d=None, grafting_momentum=False, **options):
         if options.get("start_preconditioning_step") is None:
             options["start_preconditioning_step"] = 1  # the first basis at step 1, as SOAP
         if options.get("root_delay") is None:
@@ -242,7 +242,8 @@ class ReferenceEigenvalueCorrected(ReferenceShampoo):
                          precondition_1d=bool(precondition_1d), **options)
         beta2 = options.get("betas", (0.9, 0.999))[1]
         self.h.update(method=eigenbasis_method, tol=basis_refresh_tolerance,
-                      fbeta=beta2 if factor_beta is None else factor_beta, aeps=adam_epsilon)
+                      fbeta=beta2 if factor_beta is None else factor_beta, aeps=adam_epsilon,
+                      gmom=grafting_momentum)
         self.second_moments = [torch.zeros(st.merged_shape, dtype=torch.float64)
                                for st in self.state]
         self.has_basis: set[tuple[int, int, int]] = set()  # (param, block, dim)
@@ -308,8 +309,13 @@ class ReferenceEigenvalueCorrected(ReferenceShampoo):
             if grad is None:
                 continue
             g, w = self._gradient(p, grad, st)
-            a_full = self._grafting_direction(g, st, t)
             st.momentum.mul_(b1).add_((1 - b1) * g)  # b1 = 0: the gradient itself
+            if h["gmom"] and b1 > 0:  # graft to the grafting direction of the first moment
+                m_hat = st.momentum / c1
+                x = b1 * m_hat + (1 - b1) * g if h["nesterov"] else m_hat
+                a_full = self._grafting_direction(g, st, t, numerator=x)
+            else:
+                a_full = self._grafting_direction(g, st, t)
             v = self.second_moments[pi]
             direction = torch.zeros_like(g)
             for bi, block in enumerate(st.blocks):

@@ -10,8 +10,8 @@ import torch
 
 from scalable_shampoo import Shampoo
 from scalable_shampoo.bench.optimizers import (
-    COMPARISON_DEFAULTS, OptimizerSpecError, lr_grid, parse_spec, parse_value, state_bytes,
-    validate)
+    COMPARISON_DEFAULTS, LR_CENTERS, OptimizerSpecError, lr_grid, parse_spec, parse_value,
+    spec_lr_center, state_bytes, validate)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -144,3 +144,18 @@ def test_state_bytes_finds_nested_state_once_and_not_the_parameters():
                                "object": holder, "set": {"tag"}}
     expected = 6 * 4 * 4 + 4 + 5 * 3 * 8 + 4 * 4 * 4  # the view of buffer counts once
     assert state_bytes(optimizer) == expected
+
+
+@pytest.mark.parametrize("text, centers, expected", [
+    ("soap", {"adamw": 3e-3}, LR_CENTERS["soap"]),
+    ("soap:grafting_momentum=true", {"adamw": 1e-2}, 1e-2),
+    ("soap:grafting_momentum=true,nesterov=true", {}, LR_CENTERS["adamw"]),
+    ("soap:grafting='none'", {"adamw": 3e-3}, LR_CENTERS["rotated_adam"]),
+    ("soap:grafting='adam',grafting_momentum=false", {"soap": 3e-4}, 3e-4),
+    ("shampoo:grafting_momentum=true", {"shampoo": 1e-2}, 1e-2),
+    ("pto-soap", {"rotated_adam": 1e-2}, 1e-2),
+])
+def test_lr_center_follows_the_scale_of_the_step(text, centers, expected):
+    """SOAP grafted to Adam's actual step sweeps around AdamW's centre, SOAP without
+    grafting around the rotated Adam's, the default around its own."""
+    assert spec_lr_center(parse_spec(text), centers) == expected

@@ -102,6 +102,21 @@ def test_merged_shape_examples(shape, block_size, expected):
     assert merged_shape(torch.Size(shape), block_size) == expected
 
 
+@pytest.mark.parametrize("shape, expected", [
+    ((32, 16, 3, 3), (32, 16, 3, 3)),   # merged: (512, 9)
+    ((32, 1, 3, 3), (32, 3, 3)),        # size-1 dimensions are still squeezed
+    ((6, 25), (6, 25)),                 # merged: one 150-long vector
+    ((1, 1), ()),
+    ((2048, 4), (2048, 4)),
+])
+def test_merged_shape_without_merging_only_squeezes(shape, expected):
+    assert merged_shape(shape, 1024, merge_dims=False) == expected
+    layout = block_layout(shape, 1024, 4096, merge_dims=False)
+    assert layout.merged_shape == expected
+    # Dimensions above block_size are still split.
+    assert all(max(chunks) <= 1024 for chunks in layout.chunk_sizes if chunks)
+
+
 # ---------------------------------------------------------------------------------------
 # block_layout: table of concrete layouts
 # ---------------------------------------------------------------------------------------

@@ -258,6 +258,13 @@ ERROR_INPUTS = [
          "relative_epsilon-int"),
     _row(dict(relative_epsilon=None), ValueError, r"relative_epsilon " + BOOL,
          "relative_epsilon-none"),
+    # merge_dims, grafting_momentum: bools
+    _row(dict(merge_dims=0), ValueError, r"merge_dims " + BOOL, "merge_dims-int"),
+    _row(dict(merge_dims=None), ValueError, r"merge_dims " + BOOL, "merge_dims-none"),
+    _row(dict(grafting_momentum="yes"), ValueError, r"grafting_momentum " + BOOL,
+         "grafting_momentum-str"),
+    _row(dict(grafting_momentum=None), ValueError, r"grafting_momentum " + BOOL,
+         "grafting_momentum-none"),
     # eigenbasis_method: "eigh" or "qr"
     _row(dict(eigenbasis_method="newton"), ValueError,
          r"eigenbasis_method must be one of .*'eigh', 'qr'", "eigenbasis_method-unknown"),
@@ -542,7 +549,7 @@ SPEC_DEFAULTS = dict(
     root_method="eigh", root_dtype=None, factor_dtype=torch.float64,
     exponent_multiplier=1.0, nesterov=False, bias_correction=True,
     decoupled_weight_decay=True, preconditioner="shampoo", adam_epsilon=1e-8,
-    relative_epsilon=True,
+    relative_epsilon=True, merge_dims=True,
 )
 
 

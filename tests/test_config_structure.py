@@ -19,6 +19,7 @@ STRUCTURAL_CHANGES = [
     ("grafting", "sgd"),
     ("preconditioner", "eigenvalue_corrected"),
     ("precondition_1d", False),
+    ("merge_dims", False),
 ]
 
 
@@ -56,7 +57,7 @@ def test_structural_change_before_first_step_is_allowed(name, value):
 @pytest.mark.parametrize("name, value", [("lr", 0.5), ("betas", (0.5, 0.9)), ("epsilon", 1e-6),
                                          ("weight_decay", 0.1), ("grafting_beta2", 0.9),
                                          ("precondition_frequency", 1),
-                                         ("nesterov", True)])
+                                         ("nesterov", True), ("grafting_momentum", True)])
 def test_non_structural_change_after_first_step_is_allowed(name, value):
     params = _params(3)
     opt = Shampoo(params, lr=0.1, betas=(0.0, 0.999))

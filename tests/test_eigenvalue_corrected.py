@@ -39,6 +39,12 @@ EC_CONFIGS = {
         **EC, lr=0.01, betas=(0.8, 1.0), grafting="adam", nesterov=True, weight_decay=0.1,
         decoupled_weight_decay=False, statistics_frequency=2, precondition_frequency=4,
         start_preconditioning_step=7),
+    "ec_graft_momentum_nesterov": dict(
+        **EC, lr=0.01, betas=(0.9, 0.95), grafting_momentum=True, nesterov=True,
+        precondition_frequency=3, start_preconditioning_step=4),
+    "ec_graft_momentum_rmsprop": dict(
+        **EC, lr=0.01, betas=(0.8, 0.9), grafting="rmsprop", grafting_momentum=True,
+        precondition_frequency=2, start_preconditioning_step=4),
     "ec_qr_sgd_graft_no_momentum": dict(
         **EC, lr=0.01, betas=(0.0, 0.9), grafting="sgd", eigenbasis_method="qr",
         bias_correction=False, weight_decay=0.05, adam_epsilon=1e-6, precondition_frequency=3,
@@ -192,6 +198,28 @@ def test_identity_basis_is_adam_step_for_step(decoupled, dtype, tol, foreach):
     assert opt.metrics()["basis_refreshes"] == 0  # the no-factor blocks have nothing to refresh
 
 
+@pytest.mark.parametrize("grafting_momentum", [True, False])
+def test_grafting_momentum_grafts_to_adams_actual_step(grafting_momentum):
+    """With ``grafting_momentum`` the step takes the norm of the grafting method's
+    direction of the first moment: with no basis in use and Adam grafting at the rotated
+    Adam's own betas and epsilon, that is Adam's step itself, so the update is AdamW's
+    step for step. Without it the norm is that of Adam's step without momentum."""
+    ours, theirs = _params(ADAM_SHAPES, torch.float64), _params(ADAM_SHAPES, torch.float64)
+    opt = Shampoo(ours, **EC, lr=0.01, betas=(0.8, 0.95), weight_decay=0.1,
+                  adam_epsilon=1e-6, grafting_beta2=0.95, grafting_epsilon=1e-6,
+                  start_preconditioning_step=10**6, grafting_momentum=grafting_momentum)
+    adam = torch.optim.AdamW(theirs, lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape, dtype=torch.float64, generator=gen)
+            q.grad = p.grad.clone()
+        opt.step()
+        adam.step()
+    same = all(torch.allclose(p, q, rtol=1e-12, atol=1e-12) for p, q in zip(ours, theirs))
+    assert same == grafting_momentum
+
+
 # -------------------------------------------------------------- float64 reference
 def _run(shapes, merged, options, steps=24, seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -219,6 +247,35 @@ def test_matches_float64_reference(config_name, shape_name):
     assert metrics["basis_failures"] == 0
     assert (metrics["basis_refreshes"], metrics["basis_refreshes_skipped"]) == (
         ref.refreshes, ref.skips)
+
+
+@pytest.mark.parametrize("preconditioner", ["eigenvalue_corrected", "shampoo"])
+def test_unmerged_dimensions_match_float64_reference(preconditioner):
+    """``merge_dims=False``: a conv-like kernel keeps one factor per dimension (its size-1
+    dimension squeezed) and a small matrix stays a matrix, where merging would make them
+    ``(12, 2)`` and one 30-long vector."""
+    shapes, merged = [(4, 1, 3, 2), (6, 5)], [(4, 3, 2), (6, 5)]
+    options = dict(preconditioner=preconditioner, merge_dims=False, block_size=32,
+                   lr=0.01, betas=(0.9, 0.95), precondition_frequency=3,
+                   start_preconditioning_step=7, grafting_momentum=True)
+    if preconditioner == "shampoo":
+        from tests.reference import ReferenceShampoo
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(s, dtype=torch.float64, generator=gen) for s in shapes]
+        ref = ReferenceShampoo([p.clone() for p in params], merged, **options)
+        opt = Shampoo(params, **options)
+        for _ in range(24):
+            grads = [torch.randn(p.shape, dtype=torch.float64, generator=gen) for p in params]
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+            ref.step(grads)
+    else:
+        params, ref, opt = _run(shapes, merged, options)
+    for p, r in zip(params, ref.params):
+        torch.testing.assert_close(p, r, rtol=1e-8, atol=1e-10)
+    blocks = opt.state[params[0]]["blocks"][0]["factors"]
+    assert [f.numel() for f in blocks] == [10, 6, 3]  # packed 4x4, 3x3, 2x2
 
 
 @pytest.mark.parametrize("rule", ["keep", "rank", "no_pooling"])

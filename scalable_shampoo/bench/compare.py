@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from . import BENCH_EXTRA_HINT, BENCH_MODULES
-from .optimizers import OptimizerSpec, lr_center, lr_grid
+from .optimizers import OptimizerSpec, lr_grid, spec_lr_center
 from .runner import (RunKey, check_evaluation, finite, load_finished, selection_loss,
                      time_to_target, train_run, write_json_atomic)
 from .workloads import Workload, WorkloadError, build_workload, resolve_builder
@@ -225,7 +225,7 @@ def _lr_candidates(settings: CompareSettings, spec: OptimizerSpec,
         return [spec.fixed_lr]
     if settings.lr is not None:
         return [settings.lr]
-    return lr_grid(lr_center(spec.kind, workload.lr_centers), settings.lr_sweep)
+    return lr_grid(spec_lr_center(spec, workload.lr_centers), settings.lr_sweep)
 
 
 ResolvedWorkload = tuple[str, Callable[[int], Workload], Workload]

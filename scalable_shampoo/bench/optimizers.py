@@ -108,6 +108,22 @@ class OptimizerSpec:
         """Raises :class:`.peers.PeerUnavailable` for a peer whose package is missing."""
         return factory(self.kind)(params, lr=lr, **self.kwargs)
 
+    @property
+    def lr_center_key(self) -> str:
+        """Whose learning-rate centre the sweep uses (a kind or a :data:`LR_CENTERS`
+        key): a peer's counterpart; for ``soap``, by the scale of its step: AdamW's with
+        ``grafting_momentum`` (the step takes the norm of Adam's actual step), the
+        rotated Adam's without grafting, else SOAP's own."""
+        if self.kind in PEERS:
+            return PEERS[self.kind].lr_center
+        if self.kind == "soap":
+            kwargs = self.kwargs
+            if kwargs.get("grafting") == "none":
+                return "rotated_adam"
+            if kwargs.get("grafting_momentum"):
+                return "adamw"
+        return self.kind
+
     def describe(self) -> dict[str, str]:
         """The constructor's keyword arguments as strings, for reports and run keys."""
         return {key: _format_value(value) for key, value in self.kwargs.items()}
@@ -222,7 +238,7 @@ def validate(spec: OptimizerSpec) -> None:
                                  f"{', '.join(sorted(accepted))}")
     params = [torch.nn.Parameter(torch.ones(4, 3)), torch.nn.Parameter(torch.ones(3))]
     try:
-        spec.build(params, spec.fixed_lr or lr_center(spec.kind, {}))
+        spec.build(params, spec.fixed_lr or spec_lr_center(spec, {}))
     except (TypeError, ValueError) as error:
         raise OptimizerSpecError(f"optimizer {spec.label!r}: {error}") from None
 
@@ -253,6 +269,13 @@ def lr_center(kind: str, workload_centers: dict[str, float]) -> float:
     """Centre of the learning-rate grid: the workload's for the kind, else
     :data:`LR_CENTERS`; a peer uses those of the kind named by its ``lr_center``."""
     key = PEERS[kind].lr_center if kind in PEERS else kind
+    return workload_centers.get(key, LR_CENTERS[key])
+
+
+def spec_lr_center(spec: OptimizerSpec, workload_centers: dict[str, float]) -> float:
+    """Centre of the learning-rate grid of ``spec``: that of its
+    :attr:`~OptimizerSpec.lr_center_key`, the workload's if it names one."""
+    key = spec.lr_center_key
     return workload_centers.get(key, LR_CENTERS[key])
 
 
