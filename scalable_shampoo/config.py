@@ -340,6 +340,13 @@ class ShampooConfig:
         _check_bool("relative_epsilon", self.relative_epsilon)
         _check_bool("merge_dims", self.merge_dims)
         _check_bool("grafting_momentum", self.grafting_momentum)
+        if self.grafting_momentum and (self.preconditioner != "eigenvalue_corrected"
+                                       or self.grafting == "none"):
+            raise ValueError("grafting_momentum=True needs preconditioner="
+                             "'eigenvalue_corrected' and a grafting method other than "
+                             "'none' (classic Shampoo's first_moment decides what it "
+                             f"grafts); got preconditioner={self.preconditioner!r}, "
+                             f"grafting={self.grafting!r}")
         _check_bool("nesterov", self.nesterov)
         _check_bool("bias_correction", self.bias_correction)
         _check_bool("decoupled_weight_decay", self.decoupled_weight_decay)

@@ -265,6 +265,12 @@ ERROR_INPUTS = [
          "grafting_momentum-str"),
     _row(dict(grafting_momentum=None), ValueError, r"grafting_momentum " + BOOL,
          "grafting_momentum-none"),
+    _row(dict(grafting_momentum=True), ValueError,
+         r"grafting_momentum=True needs preconditioner='eigenvalue_corrected'.*"
+         r"preconditioner='shampoo'", "grafting_momentum-classic"),
+    _row(dict(grafting_momentum=True, preconditioner="eigenvalue_corrected", grafting="none"),
+         ValueError, r"grafting_momentum=True needs .*grafting='none'",
+         "grafting_momentum-no-grafting"),
     # eigenbasis_method: "eigh" or "qr"
     _row(dict(eigenbasis_method="newton"), ValueError,
          r"eigenbasis_method must be one of .*'eigh', 'qr'", "eigenbasis_method-unknown"),

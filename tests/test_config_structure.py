@@ -60,7 +60,8 @@ def test_structural_change_before_first_step_is_allowed(name, value):
                                          ("nesterov", True), ("grafting_momentum", True)])
 def test_non_structural_change_after_first_step_is_allowed(name, value):
     params = _params(3)
-    opt = Shampoo(params, lr=0.1, betas=(0.0, 0.999))
+    # Eigenvalue-corrected: the one preconditioner every field here applies to.
+    opt = Shampoo(params, lr=0.1, betas=(0.0, 0.999), preconditioner="eigenvalue_corrected")
     _fill_grads(params)
     opt.step()
     opt.param_groups[0][name] = value
