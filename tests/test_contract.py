@@ -11,7 +11,8 @@ import warnings
 import pytest
 import torch
 
-from scalable_shampoo import Shampoo
+from scalable_shampoo import Shampoo, ShampooConfig
+from scalable_shampoo.async_roots import resolve_root_delay
 from tests.test_eigenvalue_corrected import EC_CONFIGS
 from tests.test_optimizer import CONFIGS
 
@@ -115,7 +116,10 @@ def test_metrics_are_consistent(options):
     # basis refresh was skipped, which keeps the older basis).
     assert metrics["root_age_max"] >= 0
     if not metrics["basis_refreshes_skipped"]:
-        assert metrics["root_age_max"] < (options.get("precondition_frequency", 100)
-                                          + (options.get("root_delay") or 0))
+        config = ShampooConfig(**{k: v for k, v in options.items()
+                                  if k not in ("foreach", "async_roots", "root_workers", "distributed",
+                                               "process_group")})
+        delay = resolve_root_delay(config, bool(options.get("async_roots")))
+        assert metrics["root_age_max"] < config.precondition_frequency + delay
     assert metrics["num_blocks"] == sum(len(e["blocks"]) for e in opt.state_dict()["state"].values())
     assert metrics["state_bytes"] > 0
