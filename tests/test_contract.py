@@ -116,9 +116,8 @@ def test_metrics_are_consistent(options):
     # basis refresh was skipped, which keeps the older basis).
     assert metrics["root_age_max"] >= 0
     if not metrics["basis_refreshes_skipped"]:
-        config = ShampooConfig(**{k: v for k, v in options.items()
-                                  if k not in ("foreach", "async_roots", "root_workers", "distributed",
-                                               "process_group")})
+        runtime = ("foreach", "async_roots", "root_workers", "distributed", "process_group")
+        config = ShampooConfig(**{k: v for k, v in options.items() if k not in runtime})
         delay = resolve_root_delay(config, bool(options.get("async_roots")))
         assert metrics["root_age_max"] < config.precondition_frequency + delay
     assert metrics["num_blocks"] == sum(len(e["blocks"]) for e in opt.state_dict()["state"].values())
