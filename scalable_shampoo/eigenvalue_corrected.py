@@ -46,8 +46,9 @@ Conventions and choices (the closing note of issue 6 discusses them):
   factors, rounding-level perturbations stay at rounding level.
 - Grafting ("adam" by default; SOAP has none): each block's step takes the norm of Adam's
   step without momentum for the same gradient (with ``grafting_momentum``, of Adam's
-  actual step, with the first moment rotated back to parameter space for it). A factor that has seen few gradients
-  spans few directions, and Adam in its basis moves along those alone: without
+  actual step, with the first moment rotated back to parameter space for it). A factor
+  that has seen few gradients spans few directions, and Adam in its basis moves along
+  those alone: without
   grafting, every refresh cut each weight's update norm 3-17x on a rank-deficient
   merged layer, and the loss of a full-batch regression ended 10x above AdamW's
   (``tests/test_eigenvalue_corrected.py``); grafted, the basis chooses the direction
