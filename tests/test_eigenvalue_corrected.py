@@ -166,6 +166,17 @@ def _params(shapes, dtype, seed=0):
     return [torch.nn.Parameter(torch.randn(s, dtype=dtype, generator=gen)) for s in shapes]
 
 
+def _same_gradients(ours, theirs, steps, seed, copy=torch.Tensor.clone):
+    """Yields once per step, after giving each of ``ours`` a fresh random gradient (in its
+    dtype) and its partner in ``theirs`` ``copy`` of it."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape, dtype=p.dtype, generator=gen)
+            q.grad = copy(p.grad)
+        yield
+
+
 @pytest.mark.parametrize("foreach", [True, False])
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
 @pytest.mark.parametrize("decoupled", [True, False], ids=["adamw", "adam_l2"])
@@ -186,11 +197,7 @@ def test_identity_basis_is_adam_step_for_step(decoupled, dtype, tol, foreach):
                     "precondition_frequency": 1}], **EC, **options, foreach=foreach)
     adam = (torch.optim.AdamW if decoupled else torch.optim.Adam)(
         [*theirs, big_ref], lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(20):
-        for p, q in zip([*ours, big], [*theirs, big_ref]):
-            p.grad = torch.randn(p.shape, dtype=dtype, generator=gen)
-            q.grad = p.grad.clone()
+    for _ in _same_gradients([*ours, big], [*theirs, big_ref], steps=20, seed=1):
         opt.step()
         adam.step()
         for p, q in zip([*ours, big], [*theirs, big_ref]):
@@ -209,11 +216,7 @@ def test_grafting_momentum_grafts_to_adams_actual_step(grafting_momentum):
                   adam_epsilon=1e-6, grafting_beta2=0.95, grafting_epsilon=1e-6,
                   start_preconditioning_step=10**6, grafting_momentum=grafting_momentum)
     adam = torch.optim.AdamW(theirs, lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(10):
-        for p, q in zip(ours, theirs):
-            p.grad = torch.randn(p.shape, dtype=torch.float64, generator=gen)
-            q.grad = p.grad.clone()
+    for _ in _same_gradients(ours, theirs, steps=10, seed=1):
         opt.step()
         adam.step()
     same = all(torch.allclose(p, q, rtol=1e-12, atol=1e-12) for p, q in zip(ours, theirs))
@@ -491,11 +494,7 @@ def test_root_work_seam_is_pure_and_equals_the_synchronous_refresh():
     options = dict(**EC, lr=0.01, precondition_frequency=3, block_size=5,
                    eigenbasis_method="qr", start_preconditioning_step=3)
     opt, twin_opt = Shampoo(params, **options), Shampoo(twins, **options)
-    gen = torch.Generator().manual_seed(4)
-    for _ in range(4):  # bases from step 3
-        for p, q in zip(params, twins):
-            p.grad = torch.randn(5, 4, generator=gen)
-            q.grad = p.grad.clone()
+    for _ in _same_gradients(params, twins, steps=4, seed=4):  # bases from step 3
         opt.step()
         twin_opt.step()
     config = ShampooConfig.from_group(opt.param_groups[0])
@@ -581,11 +580,7 @@ def test_cuda_matches_cpu(config_name):
     options = dict(**EC_CONFIGS[config_name], block_size=4, max_preconditioned_dim=10,
                    factor_dtype=torch.float64)
     opt_cpu, opt_gpu = Shampoo(cpu, **options), Shampoo(gpu, **options)
-    gen = torch.Generator().manual_seed(9)
-    for _ in range(12):
-        for p, q in zip(cpu, gpu):
-            p.grad = torch.randn(p.shape, dtype=torch.float64, generator=gen)
-            q.grad = p.grad.cuda()
+    for _ in _same_gradients(cpu, gpu, steps=12, seed=9, copy=torch.Tensor.cuda):
         opt_cpu.step()
         opt_gpu.step()
     for a, b in zip(cpu, gpu):
