@@ -388,15 +388,19 @@ def eigenvalue_corrected_direction_(stack: EigenvalueCorrectedStack, state: Stac
         else:
             numerator, scale = momentum, 1.0 / correction
     direction = torch.div(numerator, denominator, out=denominator)
+    back = [basis.mT for basis in state.roots]  # rotates back to parameter space
     if rotated:
-        direction = stack.multiply(direction, [basis.mT for basis in state.roots])
+        direction = stack.multiply(direction, back)
     if config.grafting == "none":
         return direction, scale
     if config.grafting_momentum and beta1 > 0.0:
-        # The first moment in parameter space (rotated back: m' is stored rotated).
-        moment = (stack.multiply(numerator, [basis.mT for basis in state.roots]) if rotated
-                  else numerator.clone())
-        grafting_numerator = moment if scale == 1.0 else moment.div_(correction)
+        # The first moment in parameter space (rotated back: m' is stored rotated); the
+        # grafting kernels only read it, so the state's own tensor may be passed.
+        if rotated:
+            moment = stack.multiply(numerator, back)
+            grafting_numerator = moment if scale == 1.0 else moment.div_(correction)
+        else:
+            grafting_numerator = numerator if scale == 1.0 else numerator / correction
     else:
         grafting_numerator = grads
     grafted = scaled_by_graft_state(config.grafting, grafting_numerator, state.graft, step,
