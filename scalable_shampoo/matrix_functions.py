@@ -149,6 +149,12 @@ def root_residual(matrix: torch.Tensor, root: torch.Tensor, exponent: float,
     return torch.where(torch.isfinite(error), error, torch.full_like(error, float("nan")))
 
 
+def _rows(batch: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``batch[rows]``, without a copy when ``rows`` are all of them (in order, as
+    ``nonzero`` gives them)."""
+    return batch if rows.numel() == batch.shape[0] else batch.index_select(0, rows)
+
+
 def inverse_root_mixed(matrix: torch.Tensor, exponent: float, epsilon: float = 0.0,
                        relative: bool = False, tolerance: float = 1e-4,
                        out_dtype: torch.dtype | None = None,
@@ -175,7 +181,7 @@ def inverse_root_mixed(matrix: torch.Tensor, exponent: float, epsilon: float = 0
     ok = ~surely_ill_conditioned(wide, epsilon, relative, tolerance)
     if check_fraction(exponent) is not None and bool(ok.any()):
         tried = ok.nonzero().squeeze(-1)
-        part = wide if tried.numel() == wide.shape[0] else wide.index_select(0, tried)
+        part = _rows(wide, tried)
         low, low_residual, ridge = _eigh_root(part.to(torch.float32), exponent, epsilon,
                                               relative, None)
         check = root_residual(part, low, exponent, ridge if isinstance(ridge, float)
@@ -187,7 +193,7 @@ def inverse_root_mixed(matrix: torch.Tensor, exponent: float, epsilon: float = 0
         ok = torch.zeros_like(ok)
     if not bool(ok.all()):
         rows = (~ok).nonzero().squeeze(-1)
-        part = wide if rows.numel() == wide.shape[0] else wide.index_select(0, rows)
+        part = _rows(wide, rows)
         again, again_residual, _ = _eigh_root(part, exponent, epsilon, relative, out_dtype)
         root.index_copy_(0, rows, again.to(out_dtype))
         residual.index_copy_(0, rows, again_residual)
