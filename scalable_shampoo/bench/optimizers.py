@@ -114,15 +114,12 @@ class OptimizerSpec:
         key): a peer's counterpart; for ``soap``, by the scale of its step: AdamW's with
         ``grafting_momentum`` (the step takes the norm of Adam's actual step), the
         rotated Adam's without grafting, else SOAP's own."""
-        if self.kind in PEERS:
-            return PEERS[self.kind].lr_center
         if self.kind == "soap":
-            kwargs = self.kwargs
-            if kwargs.get("grafting") == "none":
+            if self.kwargs.get("grafting") == "none":
                 return "rotated_adam"
-            if kwargs.get("grafting_momentum"):
+            if self.kwargs.get("grafting_momentum"):
                 return "adamw"
-        return self.kind
+        return _center_key(self.kind)
 
     def describe(self) -> dict[str, str]:
         """The constructor's keyword arguments as strings, for reports and run keys."""
@@ -265,10 +262,15 @@ def factory(kind: str) -> OptimizerFactory:
     return KINDS[kind] if kind in KINDS else load(kind)
 
 
+def _center_key(kind: str) -> str:
+    """The :data:`LR_CENTERS` key of ``kind`` at its defaults: a peer's counterpart's."""
+    return PEERS[kind].lr_center if kind in PEERS else kind
+
+
 def lr_center(kind: str, workload_centers: dict[str, float]) -> float:
     """Centre of the learning-rate grid: the workload's for the kind, else
     :data:`LR_CENTERS`; a peer uses those of the kind named by its ``lr_center``."""
-    key = PEERS[kind].lr_center if kind in PEERS else kind
+    key = _center_key(kind)
     return workload_centers.get(key, LR_CENTERS[key])
 
 
