@@ -65,8 +65,8 @@ def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def inverse_root_eigh(matrix: torch.Tensor, exponent: float, epsilon: float = 0.0,
-                      relative: bool = False, out_dtype: torch.dtype | None = None
-                      ) -> RootResult:
+                      relative: bool = False, out_dtype: torch.dtype | None = None,
+                      upper_only: bool = False) -> RootResult:
     """``(A + epsilon I)^(-exponent)`` by symmetric eigendecomposition.
 
     Eigenvalues are clamped at 0 (rounding can make a PSD matrix's smallest ones
@@ -74,26 +74,36 @@ def inverse_root_eigh(matrix: torch.Tensor, exponent: float, epsilon: float = 0.
     and zero matrices safe. ``exponent`` is any positive real number. With a narrower
     ``out_dtype`` the root ``V diag(s) V^T`` is formed in it from the rounded factors
     (half the cost of a float64 product, an error of a few ulps of ``out_dtype``: the
-    root is stored in it anyway).
+    root is stored in it anyway). ``upper_only``: only the root's upper triangle is
+    exact (the lower one differs by rounding), for callers that pack it: the
+    symmetrization, a pass over the root, is skipped.
     """
     _check_root_args(matrix, exponent, epsilon)
-    root, residual, _ = _eigh_root(_symmetric(matrix), exponent, epsilon, relative, out_dtype)
+    root, residual, _ = _eigh_root(_symmetric(matrix), exponent, epsilon, relative, out_dtype,
+                                   upper_only)
     return RootResult(root, residual, 0)
 
 
 def _eigh_root(sym: torch.Tensor, exponent: float, epsilon: float, relative: bool,
-               out_dtype: torch.dtype | None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | float]:
-    """:func:`inverse_root_eigh` of a symmetric batch: ``(root, residual, ridge)``."""
+               out_dtype: torch.dtype | None, upper_only: bool = False,
+               reconstruction: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | float]:
+    """:func:`inverse_root_eigh` of a symmetric batch: ``(root, residual, ridge)``.
+    ``upper_only``: only the root's upper triangle is read (the caller packs it), so the
+    product is not symmetrized. ``reconstruction=False`` skips the reconstruction
+    residual (None), for callers that check the root itself."""
     values, vectors = _eigh(sym)
     values = values.clamp_min(0)
     ridge = ridge_of(values.amax(dim=-1), epsilon) if relative else epsilon
     scaled = (values + (ridge.unsqueeze(-1) if relative else ridge)).pow(-exponent)
     if out_dtype is not None and torch.finfo(out_dtype).eps > torch.finfo(sym.dtype).eps:
         low = vectors.to(out_dtype)
-        root = _symmetric((low * scaled.to(out_dtype).unsqueeze(-2)) @ low.mT)
+        root = (low * scaled.to(out_dtype).unsqueeze(-2)) @ low.mT
     else:
-        root = _symmetric((vectors * scaled.unsqueeze(-2)) @ vectors.mT)
+        root = (vectors * scaled.unsqueeze(-2)) @ vectors.mT
+    root = root if upper_only else _symmetric(root)
+    if not reconstruction:
+        return root, None, ridge
     # Reconstruction error on a fixed probe vector: O(n^2), where the full
     # V diag(values) V^T - A would cost another n^3 product per matrix.
     n = sym.shape[-1]
@@ -158,7 +168,7 @@ def _rows(batch: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 def inverse_root_mixed(matrix: torch.Tensor, exponent: float, epsilon: float = 0.0,
                        relative: bool = False, tolerance: float = 1e-4,
                        out_dtype: torch.dtype | None = None,
-                       symmetric_input: bool = False) -> RootResult:
+                       symmetric_input: bool = False, upper_only: bool = False) -> RootResult:
     """``(A + epsilon I)^(-exponent)`` by a float32 eigendecomposition, checked in
     float64 by :func:`root_residual`; the matrices whose check exceeds ``tolerance`` (or
     fails) are recomputed by a float64 eigendecomposition. float32 ``eigh`` costs about
@@ -169,7 +179,8 @@ def inverse_root_mixed(matrix: torch.Tensor, exponent: float, epsilon: float = 0
     float64 reconstruction residual for the recomputed ones. The root is returned in
     ``out_dtype`` (default float32). ``symmetric_input``: the matrices are exactly
     symmetric (unpacked factors are), so their symmetric part is not formed (a float64
-    pass that costs ~15% of a float32 ``eigh`` at n = 512)."""
+    pass that costs ~15% of a float32 ``eigh`` at n = 512). ``upper_only``: see
+    :func:`inverse_root_eigh`."""
     _check_root_args(matrix, exponent, epsilon)
     out_dtype = out_dtype or torch.float32
     n = matrix.shape[-1]
@@ -182,19 +193,22 @@ def inverse_root_mixed(matrix: torch.Tensor, exponent: float, epsilon: float = 0
     if check_fraction(exponent) is not None and bool(ok.any()):
         tried = ok.nonzero().squeeze(-1)
         part = _rows(wide, tried)
-        low, low_residual, ridge = _eigh_root(part.to(torch.float32), exponent, epsilon,
-                                              relative, None)
+        # No reconstruction residual: the check tests the root itself, so an
+        # eigendecomposition that is off shows there too.
+        low, _, ridge = _eigh_root(part.to(torch.float32), exponent, epsilon, relative, None,
+                                   upper_only, reconstruction=False)
         check = root_residual(part, low, exponent, ridge if isinstance(ridge, float)
                               else ridge.to(torch.float64))
         root.index_copy_(0, tried, low.to(out_dtype))
-        residual.index_copy_(0, tried, torch.maximum(check, low_residual.to(torch.float64)))
+        residual.index_copy_(0, tried, check)
         ok = torch.zeros_like(ok).index_copy_(0, tried, check <= tolerance)
     else:
         ok = torch.zeros_like(ok)
     if not bool(ok.all()):
         rows = (~ok).nonzero().squeeze(-1)
         part = _rows(wide, rows)
-        again, again_residual, _ = _eigh_root(part, exponent, epsilon, relative, out_dtype)
+        again, again_residual, _ = _eigh_root(part, exponent, epsilon, relative, out_dtype,
+                                              upper_only)
         root.index_copy_(0, rows, again.to(out_dtype))
         residual.index_copy_(0, rows, again_residual)
     return RootResult(root.reshape(matrix.shape), residual.reshape(matrix.shape[:-2]), 0)
@@ -311,12 +325,14 @@ def inverse_root_newton(matrix: torch.Tensor, exponent: float, epsilon: float = 
 def inverse_root(matrix: torch.Tensor, exponent: float, epsilon: float = 0.0,
                  method: str = "eigh", max_iterations: int = 100,
                  tolerance: float = 1e-6, relative: bool = False,
-                 out_dtype: torch.dtype | None = None) -> RootResult:
+                 out_dtype: torch.dtype | None = None, upper_only: bool = False
+                 ) -> RootResult:
     """``(A + epsilon I)^(-exponent)`` by ``method`` ("eigh" or "newton"); with
-    ``relative``, ``(A + epsilon lambda_max(A) I)^(-exponent)``. ``out_dtype``: see
-    :func:`inverse_root_eigh` (Newton returns ``matrix``'s dtype)."""
+    ``relative``, ``(A + epsilon lambda_max(A) I)^(-exponent)``. ``out_dtype`` and
+    ``upper_only``: see :func:`inverse_root_eigh` (Newton returns ``matrix``'s dtype and
+    a symmetric root)."""
     if method == "eigh":
-        return inverse_root_eigh(matrix, exponent, epsilon, relative, out_dtype)
+        return inverse_root_eigh(matrix, exponent, epsilon, relative, out_dtype, upper_only)
     if method == "newton":
         return inverse_root_newton(matrix, exponent, epsilon, max_iterations, tolerance,
                                    relative)

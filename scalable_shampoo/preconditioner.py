@@ -291,12 +291,13 @@ class BlockStack:
         if checked_roots(config, self.work_dtype):
             results = [inverse_root_mixed(m, exponent, config.epsilon, config.relative_epsilon,
                                           config.root_check_tolerance, self.work_dtype,
-                                          symmetric_input=True)
+                                          symmetric_input=True, upper_only=True)
                        for m in inputs]
         else:
             results = [inverse_root(m, exponent, config.epsilon, config.root_method,
                                     config.newton_max_iterations, config.newton_tolerance,
-                                    config.relative_epsilon, self.work_dtype)
+                                    config.relative_epsilon, self.work_dtype,
+                                    upper_only=True)
                        for m in inputs]
         # Packed here, where the work runs: half the bytes back from a background worker.
         return [replace(r, root=pack_symmetric(r.root)) for r in results]

@@ -175,3 +175,34 @@ def test_root_dtype_default_follows_the_stored_roots_and_the_method():
     assert root_dtype_of(plain, torch.float64) == torch.float32
     assert not checked_roots(plain, torch.float32)
     assert ShampooConfig(preconditioner="eigenvalue_corrected").root_dtype == F64
+
+
+@pytest.mark.parametrize("cond", [10.0, 1e8], ids=["float32_kept", "float64_redone"])
+@pytest.mark.parametrize("method", ["mixed", "eigh"])
+def test_upper_only_roots_pack_to_the_symmetric_roots(method, cond):
+    """``upper_only`` skips the symmetrization: the upper triangle (what packing keeps)
+    is the symmetric root's to rounding and matches the float64 reference, the lower one
+    is left as the product made it."""
+    from scalable_shampoo.symmetric_packing import pack_symmetric
+    a, ref = batch(80, [cond, 3.0], seed=11)
+
+    def root(upper_only):
+        if method == "mixed":
+            return inverse_root_mixed(a, 0.25, 1e-6, relative=True, tolerance=TOLERANCE,
+                                      symmetric_input=True, upper_only=upper_only)
+        return inverse_root_eigh(a, 0.25, 1e-6, relative=True, upper_only=upper_only)
+
+    full, upper = root(False), root(True)
+    ulp = torch.finfo(full.root.dtype).eps
+    scale = full.root.abs().amax()
+    assert (pack_symmetric(upper.root) - pack_symmetric(full.root)).abs().amax() <= 4 * ulp * scale
+    assert torch.equal(full.root, full.root.mT)
+    assert not torch.equal(upper.root, upper.root.mT)  # the pass was really skipped
+
+    def error(result, i):
+        packed, expected = pack_symmetric(result.root[i]).to(F64), pack_symmetric(ref[i])
+        return float((packed - expected).norm() / expected.norm())
+
+    for i in range(2):  # as accurate as the symmetric root (float32 or float64 accuracy)
+        assert error(upper, i) <= 1.5 * error(full, i) + 1e-13
+        assert error(upper, i) <= (1e-5 if full.root.dtype == torch.float32 else 1e-9)
