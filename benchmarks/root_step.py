@@ -12,11 +12,19 @@ Variants: ``baseline`` (the ``--baseline`` checkout at its defaults, if given), 
 (this checkout's defaults), ``now, float64 roots`` (``root_dtype=torch.float64``) and
 ``now, spread roots`` (``async_roots="spread"``).
 
+With ``--training lm,autoencoder,image`` the variants instead train ``compare``'s
+workloads (seed 0, lr 3e-3, the comparison's Shampoo settings: roots every 20 steps from
+step 10) for 200 steps and report the total CPU time of the steps that computed roots.
+Their factors are those of real training, mostly ill-conditioned, where the fixed random
+gradients of ``benchmarks/step_speed.py`` give factors with condition numbers of a few,
+on which every float32 root passes its check.
+
 Usage (the former commit checked out outside the repository)::
 
     git worktree add /tmp/base1a6 1a6c4a1
     python benchmarks/root_step.py --baseline /tmp/base1a6 [--workloads mlp512,small128]
         [--repeat 2]
+    python benchmarks/root_step.py --baseline /tmp/base1a6 --training lm,autoencoder,image
 """
 
 from __future__ import annotations
@@ -58,9 +66,38 @@ for name in sys.argv[2].split(","):
 print(json.dumps(out))
 """
 
+TRAINING_CHILD = r"""
+import json, sys, time
+import torch
+sys.path.insert(0, sys.argv[1])
+from scalable_shampoo import Shampoo
+from scalable_shampoo.bench.workloads import build_workload, resolve_builder
+torch.set_num_threads(1)
+options = eval(sys.argv[3], {"torch": torch})
+out = {}
+for name in sys.argv[2].split(","):
+    workload = build_workload(resolve_builder(name), 0, name)
+    opt = Shampoo(workload.model.parameters(), lr=3e-3, precondition_frequency=20,
+                  start_preconditioning_step=10, **options)
+    root, total, roots, last = 0.0, 0.0, 0, 0
+    for step in range(200):
+        opt.zero_grad()
+        workload.loss(workload.model, workload.train_batch(step)).backward()
+        start = time.thread_time()
+        opt.step()
+        elapsed = (time.thread_time() - start) * 1e3
+        total += elapsed
+        count = opt.metrics()["root_computations"]
+        if count > last:
+            root, roots = root + elapsed, roots + 1
+        last = count
+    out[name] = {"root": root, "root_steps": roots, "mean": total / 200}
+print(json.dumps(out))
+"""
 
-def run(tree: Path, workloads: str, options: str) -> dict:
-    result = subprocess.run([sys.executable, "-c", CHILD, str(tree), workloads, options],
+
+def run(tree: Path, workloads: str, options: str, child: str = CHILD) -> dict:
+    result = subprocess.run([sys.executable, "-c", child, str(tree), workloads, options],
                             capture_output=True, text=True, check=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -71,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", type=Path, default=None)
     parser.add_argument("--workloads", default="mlp512,small128,blocked1024_b128")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--training", default=None, metavar="LIST",
+                        help="compare's workloads to train instead (e.g. lm,autoencoder,image)")
     args = parser.parse_args(argv)
+    if args.training:
+        return training(args)
     variants = ([("baseline", args.baseline, "{}")] if args.baseline else []) + [
         ("now", HERE, "{}"), ("now, float64 roots", HERE, "{'root_dtype': torch.float64}"),
         ("now, spread roots", HERE, "{'async_roots': 'spread'}")]
@@ -88,6 +129,25 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f"{r['root'] / base[(name, rep)]:.2f}" if (name, rep) in base else "-"
         print(f"| {name} | {label} | {rep + 1} | {r['root']:.0f} | {ratio} | {r['max']:.0f} | "
               f"{r['plain']:.1f} | {r['mean']:.1f} |")
+    return 0
+
+
+def training(args: argparse.Namespace) -> int:
+    variants = ([("baseline", args.baseline, "{}")] if args.baseline else []) + [
+        ("now", HERE, "{}"), ("now, float64 roots", HERE, "{'root_dtype': torch.float64}")]
+    rows = []
+    for repeat in range(args.repeat):
+        for label, tree, options in variants:
+            for name, r in run(tree, args.training, options, TRAINING_CHILD).items():
+                rows.append((name, label, repeat, r))
+    base = {(n, rep): r["root"] for n, label, rep, r in rows if label == "baseline"}
+    print("| workload | variant | run | root steps | their total CPU ms | / baseline | "
+          "mean step ms |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, label, rep, r in sorted(rows, key=lambda row: (row[0], row[2])):
+        ratio = f"{r['root'] / base[(name, rep)]:.2f}" if (name, rep) in base else "-"
+        print(f"| {name} | {label} | {rep + 1} | {r['root_steps']} | {r['root']:.0f} | {ratio} | "
+              f"{r['mean']:.1f} |")
     return 0
 
 

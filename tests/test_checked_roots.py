@@ -206,3 +206,57 @@ def test_upper_only_roots_pack_to_the_symmetric_roots(method, cond):
     for i in range(2):  # as accurate as the symmetric root (float32 or float64 accuracy)
         assert error(upper, i) <= 1.5 * error(full, i) + 1e-13
         assert error(upper, i) <= (1e-5 if full.root.dtype == torch.float32 else 1e-9)
+
+
+def cholesky_bound(a: torch.Tensor) -> torch.Tensor:
+    """``(max L_ii / min L_ii)^2`` of the float64 Cholesky factor of ``A + 1e-6 ||A||_F I``."""
+    ridge = 1e-6 * torch.linalg.matrix_norm(a)
+    shifted = a + ridge[..., None, None] * torch.eye(a.shape[-1], dtype=a.dtype)
+    diagonal = torch.diagonal(torch.linalg.cholesky(shifted), dim1=-2, dim2=-1)
+    return (diagonal.amax(-1) / diagonal.amin(-1)).square()
+
+
+def test_the_pre_check_sends_factors_above_the_measured_bound_to_float64(monkeypatch):
+    """A factor whose Cholesky bound is above ``ILL_CONDITIONED_BOUND`` (here cond 2e3,
+    bound ~63) gets no float32 eigh at the default tolerance, and the limit scales with
+    the tolerance. This factor's float32 root would pass the check (residual ~4e-5): the
+    limit gives up such cases for the many training factors with bounds like it whose
+    float32 roots fail (see ``surely_ill_conditioned``)."""
+    import scalable_shampoo.matrix_functions as mf
+    a, ref = batch(64, [2e3, 3.0], seed=12)
+    bound = cholesky_bound(a)
+    assert mf.ILL_CONDITIONED_BOUND < float(bound[0]) < 20 * mf.ILL_CONDITIONED_BOUND
+    assert float(bound[1]) < mf.ILL_CONDITIONED_BOUND
+    assert mf.surely_ill_conditioned(a, 1e-6, True, TOLERANCE).tolist() == [True, False]
+    assert mf.surely_ill_conditioned(a, 1e-6, True, 20 * TOLERANCE).tolist() == [False, False]
+    calls = []
+    original = mf._eigh
+    monkeypatch.setattr(mf, "_eigh", lambda m: calls.append((m.dtype, m.shape[0])) or original(m))
+    result = inverse_root_mixed(a, 0.25, 1e-6, relative=True, tolerance=TOLERANCE)
+    assert calls == [(torch.float32, 1), (F64, 1)]
+    assert rel_err(result.root[0], ref[0]) < 1e-6 and rel_err(result.root[1], ref[1]) < TOLERANCE
+
+
+def test_the_diagonal_settles_factors_before_any_cholesky(monkeypatch):
+    """A factor whose diagonal alone bounds its condition number above the limit (the
+    diagonal's spread is a lower bound) is flagged without a Cholesky factorization; the
+    others, a well-conditioned and a rank-deficient one with even diagonals, are
+    factorized, and only they."""
+    import scalable_shampoo.matrix_functions as mf
+    gen = torch.Generator().manual_seed(13)
+    n = 40
+    well, _ = batch(n, [3.0], seed=14)
+    scales = torch.logspace(0, 2, n, dtype=F64)  # diagonal spread 1e4 > 50
+    spread = (well[0] * scales[:, None] * scales[None, :]).unsqueeze(0)
+    thin = torch.randn(n, 4, dtype=F64, generator=gen)
+    even = thin @ thin.mT  # rank 4 of 40
+    even = (even / torch.diagonal(even).sqrt()[:, None] / torch.diagonal(even).sqrt()[None, :]).unsqueeze(0)
+    mats = torch.cat([well, spread, even])
+    diagonal = torch.diagonal(mats, dim1=-2, dim2=-1)
+    assert (diagonal.amax(-1) / diagonal.amin(-1)).tolist()[1] > 1e3
+    factorized = []
+    original = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex",
+                        lambda m: factorized.append(m.shape[0]) or original(m))
+    assert mf.surely_ill_conditioned(mats, 1e-6, True, TOLERANCE).tolist() == [False, True, True]
+    assert factorized == [2]
