@@ -180,6 +180,9 @@ class ShampooConfig:
             parameters), float64 for float64 parameters and for Newton; the check
             costs ``O(n^2)`` and float32 eigh about half of float64's where it passes
             (it keeps float64 accuracy where it does not, and the runs rounding-stable).
+            float32 is tried only where cheap lower bounds on a factor's condition
+            number (its diagonal's spread, a float32 Cholesky) are below 50; most
+            factors of real training are above and take float64 directly.
             For "eigenvalue_corrected" None means torch.float64 (resolved here).
         root_check_tolerance: > 0 or ``math.inf``; eigh roots in float32 only: the
             largest relative residual ``||X^b (S + r I)^a z - z||`` (exponent ``a/b``,
