@@ -38,15 +38,19 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent
 
-CHILD = r"""
+# Each child: argv = (checkout, workloads, Shampoo options); prints {workload: numbers}.
+PREAMBLE = r"""
 import json, statistics, sys, time
 import torch
 sys.path.insert(0, sys.argv[1])
-from benchmarks.step_speed import WORKLOADS, build_model, gradient_pool, set_grads
 from scalable_shampoo import Shampoo
 torch.set_num_threads(1)
 options = eval(sys.argv[3], {"torch": torch})
 out = {}
+"""
+
+CHILD = PREAMBLE + r"""
+from benchmarks.step_speed import WORKLOADS, build_model, gradient_pool, set_grads
 for name in sys.argv[2].split(","):
     workload = WORKLOADS[name]
     params = list(build_model(workload).parameters())
@@ -66,15 +70,8 @@ for name in sys.argv[2].split(","):
 print(json.dumps(out))
 """
 
-TRAINING_CHILD = r"""
-import json, sys, time
-import torch
-sys.path.insert(0, sys.argv[1])
-from scalable_shampoo import Shampoo
+TRAINING_CHILD = PREAMBLE + r"""
 from scalable_shampoo.bench.workloads import build_workload, resolve_builder
-torch.set_num_threads(1)
-options = eval(sys.argv[3], {"torch": torch})
-out = {}
 for name in sys.argv[2].split(","):
     workload = build_workload(resolve_builder(name), 0, name)
     opt = Shampoo(workload.model.parameters(), lr=3e-3, precondition_frequency=20,
@@ -96,11 +93,28 @@ print(json.dumps(out))
 """
 
 
-def run(tree: Path, workloads: str, options: str, child: str = CHILD) -> dict:
+def run(tree: Path, workloads: str, options: str, child: str) -> dict:
     result = subprocess.run([sys.executable, "-c", child, str(tree), workloads, options],
                             capture_output=True, text=True, check=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def measure(args: argparse.Namespace, workloads: str, child: str, spread: bool
+            ) -> tuple[list[tuple[str, str, int, dict]], dict[tuple[str, int], float]]:
+    """Every variant's numbers per workload and repetition, variants in turn, and the
+    baseline's root time per (workload, repetition)."""
+    variants = ([("baseline", args.baseline, "{}")] if args.baseline else []) + [
+        ("now", HERE, "{}"), ("now, float64 roots", HERE, "{'root_dtype': torch.float64}")]
+    if spread:
+        variants.append(("now, spread roots", HERE, "{'async_roots': 'spread'}"))
+    rows = []
+    for repeat in range(args.repeat):
+        for label, tree, options in variants:
+            for name, r in run(tree, workloads, options, child).items():
+                rows.append((name, label, repeat, r))
+    base = {(n, rep): r["root"] for n, label, rep, r in rows if label == "baseline"}
+    return sorted(rows, key=lambda row: (row[0], row[2])), base
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,19 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.training:
         return training(args)
-    variants = ([("baseline", args.baseline, "{}")] if args.baseline else []) + [
-        ("now", HERE, "{}"), ("now, float64 roots", HERE, "{'root_dtype': torch.float64}"),
-        ("now, spread roots", HERE, "{'async_roots': 'spread'}")]
-    rows = []
-    for repeat in range(args.repeat):
-        for label, tree, options in variants:
-            for name, r in run(tree, args.workloads, options).items():
-                rows.append((name, label, repeat, r))
-    base = {(n, rep): r["root"] for n, label, rep, r in rows if label == "baseline"}
+    rows, base = measure(args, args.workloads, CHILD, spread=True)
     print("| workload | variant | run | root step ms | / baseline | max step ms | plain ms | "
           "mean 21..80 ms |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name, label, rep, r in sorted(rows, key=lambda row: (row[0], row[2])):
+    for name, label, rep, r in rows:
         ratio = f"{r['root'] / base[(name, rep)]:.2f}" if (name, rep) in base else "-"
         print(f"| {name} | {label} | {rep + 1} | {r['root']:.0f} | {ratio} | {r['max']:.0f} | "
               f"{r['plain']:.1f} | {r['mean']:.1f} |")
@@ -133,18 +139,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def training(args: argparse.Namespace) -> int:
-    variants = ([("baseline", args.baseline, "{}")] if args.baseline else []) + [
-        ("now", HERE, "{}"), ("now, float64 roots", HERE, "{'root_dtype': torch.float64}")]
-    rows = []
-    for repeat in range(args.repeat):
-        for label, tree, options in variants:
-            for name, r in run(tree, args.training, options, TRAINING_CHILD).items():
-                rows.append((name, label, repeat, r))
-    base = {(n, rep): r["root"] for n, label, rep, r in rows if label == "baseline"}
+    rows, base = measure(args, args.training, TRAINING_CHILD, spread=False)
     print("| workload | variant | run | root steps | their total CPU ms | / baseline | "
           "mean step ms |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    for name, label, rep, r in sorted(rows, key=lambda row: (row[0], row[2])):
+    for name, label, rep, r in rows:
         ratio = f"{r['root'] / base[(name, rep)]:.2f}" if (name, rep) in base else "-"
         print(f"| {name} | {label} | {rep + 1} | {r['root_steps']} | {r['root']:.0f} | {ratio} | "
               f"{r['mean']:.1f} |")

@@ -134,16 +134,19 @@ def test_symmetric_input_skips_only_the_symmetrization():
     assert torch.equal(plain.residual, trusted.residual)
 
 
-def test_surely_ill_conditioned_factors_skip_the_float32_eigh(monkeypatch):
+@pytest.fixture
+def eigh_calls(monkeypatch) -> list[tuple[torch.dtype, int]]:
+    """``(dtype, batch size)`` of each eigendecomposition the root functions run."""
     import scalable_shampoo.matrix_functions as mf
-    calls = []
+    calls: list[tuple[torch.dtype, int]] = []
     original = mf._eigh
+    monkeypatch.setattr(mf, "_eigh",
+                        lambda m: calls.append((m.dtype, m.shape[0])) or original(m))
+    return calls
 
-    def recording(matrix):
-        calls.append((matrix.dtype, matrix.shape[0]))
-        return original(matrix)
 
-    monkeypatch.setattr(mf, "_eigh", recording)
+def test_surely_ill_conditioned_factors_skip_the_float32_eigh(eigh_calls):
+    import scalable_shampoo.matrix_functions as mf
     gen = torch.Generator().manual_seed(8)
     thin = torch.randn(2, 48, 3, dtype=F64, generator=gen)  # rank 3 of 48
     a, ref = batch(48, [1.0, 1e10], seed=6)
@@ -153,7 +156,7 @@ def test_surely_ill_conditioned_factors_skip_the_float32_eigh(monkeypatch):
         False, True, True, True]
     result = inverse_root_mixed(mats, 0.25, 1e-6, relative=True, tolerance=TOLERANCE)
     # float32 eigh for the well-conditioned one only, float64 for the other three
-    assert calls == [(torch.float32, 1), (F64, 3)]
+    assert eigh_calls == [(torch.float32, 1), (F64, 3)]
     for i in range(2):
         assert rel_err(result.root[i], ref[i]) < TOLERANCE
     wide = inverse_root_eigh(mats[1:], 0.25, 1e-6, relative=True, out_dtype=torch.float32)
@@ -216,7 +219,7 @@ def cholesky_bound(a: torch.Tensor) -> torch.Tensor:
     return (diagonal.amax(-1) / diagonal.amin(-1)).square()
 
 
-def test_the_pre_check_sends_factors_above_the_measured_bound_to_float64(monkeypatch):
+def test_the_pre_check_sends_factors_above_the_measured_bound_to_float64(eigh_calls):
     """A factor whose Cholesky bound is above ``ILL_CONDITIONED_BOUND`` (here cond 2e3,
     bound ~63) gets no float32 eigh at the default tolerance, and the limit scales with
     the tolerance. This factor's float32 root would pass the check (residual ~4e-5): the
@@ -229,11 +232,8 @@ def test_the_pre_check_sends_factors_above_the_measured_bound_to_float64(monkeyp
     assert float(bound[1]) < mf.ILL_CONDITIONED_BOUND
     assert mf.surely_ill_conditioned(a, 1e-6, True, TOLERANCE).tolist() == [True, False]
     assert mf.surely_ill_conditioned(a, 1e-6, True, 20 * TOLERANCE).tolist() == [False, False]
-    calls = []
-    original = mf._eigh
-    monkeypatch.setattr(mf, "_eigh", lambda m: calls.append((m.dtype, m.shape[0])) or original(m))
     result = inverse_root_mixed(a, 0.25, 1e-6, relative=True, tolerance=TOLERANCE)
-    assert calls == [(torch.float32, 1), (F64, 1)]
+    assert eigh_calls == [(torch.float32, 1), (F64, 1)]
     assert rel_err(result.root[0], ref[0]) < 1e-6 and rel_err(result.root[1], ref[1]) < TOLERANCE
 
 
@@ -250,7 +250,8 @@ def test_the_diagonal_settles_factors_before_any_cholesky(monkeypatch):
     spread = (well[0] * scales[:, None] * scales[None, :]).unsqueeze(0)
     thin = torch.randn(n, 4, dtype=F64, generator=gen)
     even = thin @ thin.mT  # rank 4 of 40
-    even = (even / torch.diagonal(even).sqrt()[:, None] / torch.diagonal(even).sqrt()[None, :]).unsqueeze(0)
+    root_diagonal = torch.diagonal(even).sqrt()
+    even = (even / root_diagonal[:, None] / root_diagonal[None, :]).unsqueeze(0)
     mats = torch.cat([well, spread, even])
     diagonal = torch.diagonal(mats, dim1=-2, dim2=-1)
     assert (diagonal.amax(-1) / diagonal.amin(-1)).tolist()[1] > 1e3
