@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 import transformers
-from hf_trainer import OPTIONS, Tokens, tiny_gpt2  # the script's folder is on sys.path
+from hf_trainer import OPTIONS, Tokens, teardown, tiny_gpt2  # the script's folder is on sys.path
 
 from scalable_shampoo import Shampoo
 
@@ -76,11 +76,7 @@ def main(out: Path) -> None:
     if int(os.environ["RANK"]) == 0:
         torch.save({"straight": straight, "resumed": again, "sharded": sharded},
                    out / "hf_fsdp2.pt")
-    # Tear the gloo group down in order on both ranks: left to interpreter exit, one
-    # rank was seen to abort there once in a CI run ("terminate called without an
-    # active exception"), after its work was done.
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    teardown()
 
 
 if __name__ == "__main__":
