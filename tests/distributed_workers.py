@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
 import socket
 import time
 import warnings
@@ -179,6 +180,11 @@ def _entry(rank: int, world_size: int, port: int, target: Callable, args: tuple)
         dist.barrier()  # nobody tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
+    # Success ends the process here, before interpreter finalization: there gloo's worker
+    # thread may still be releasing a collective's tensors, which takes the GIL and, in a
+    # finalizing interpreter, aborts the rank (tests/frameworks/rank_exit.py has the
+    # core dump's account). A failure above leaves by the exception, as before.
+    os._exit(0)
 
 
 def run_ranks(world_size: int, target: Callable, *args: Any, timeout_s: float = 240) -> None:

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 import transformers
-from hf_trainer import OPTIONS, Tokens, teardown, tiny_gpt2  # the script's folder is on sys.path
+from hf_trainer import OPTIONS, Tokens, tiny_gpt2  # the script's folder is on sys.path
+from rank_exit import end_rank
 
 from scalable_shampoo import Shampoo
 
@@ -76,7 +77,7 @@ def main(out: Path) -> None:
     if int(os.environ["RANK"]) == 0:
         torch.save({"straight": straight, "resumed": again, "sharded": sharded},
                    out / "hf_fsdp2.pt")
-    teardown()
+    end_rank()
 
 
 if __name__ == "__main__":

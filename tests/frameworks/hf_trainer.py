@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from rank_exit import end_rank  # the script's folder is on sys.path
 
 from scalable_shampoo import Shampoo, distributed_state
 
@@ -61,14 +62,6 @@ def trainer(out: Path, mode: str) -> transformers.Trainer:
                                 optimizer_cls_and_kwargs=(Shampoo, kwargs))
 
 
-def teardown() -> None:
-    """Tears the gloo group down in order on every rank. Left to interpreter exit, one rank
-    was seen to abort there in CI runs ("terminate called without an active exception"),
-    after its work was done: once in hf_fsdp2.py, once in this script's replica mode."""
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-
-
 def main(out: Path, mode: str) -> None:
     rank = int(os.environ["RANK"])
     torch.set_num_threads(1)
@@ -90,7 +83,7 @@ def main(out: Path, mode: str) -> None:
         torch.save({"straight": straight,
                     "resumed": [p.detach().clone() for p in resumed.model.parameters()]},
                    out / "hf_replica.pt")
-    teardown()
+    end_rank()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import lightning
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
+from rank_exit import end_rank  # the script's folder is on sys.path
 
 from scalable_shampoo import Shampoo
 
@@ -66,6 +67,7 @@ def main(out: Path) -> None:
         torch.save({"straight": straight,
                     "resumed": [p.detach().clone() for p in resumed.parameters()]},
                    out / "lightning.pt")
+    end_rank()
 
 
 if __name__ == "__main__":

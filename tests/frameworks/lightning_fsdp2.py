@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import fully_shard
+from rank_exit import end_rank  # the script's folder is on sys.path
 
 from scalable_shampoo import Shampoo
 
@@ -74,6 +75,7 @@ def main(out: Path) -> None:
     resumed = fit(out, str(out / "checkpoints" / "epoch=0.ckpt"))
     if int(os.environ["RANK"]) == 0:
         torch.save({"straight": straight, "resumed": resumed}, out / "lightning_fsdp2.pt")
+    end_rank()
 
 
 if __name__ == "__main__":
