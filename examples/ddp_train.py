@@ -46,6 +46,8 @@ def main() -> None:
     if args.resume:
         load_checkpoint(args.resume, optimizer, model=model)
     start = optimizer.metrics()["step"]
+    if args.resume and rank == 0:
+        print(f"resumed from {args.resume} after step {start}")
 
     for step in range(start, args.steps):
         # The same global mini-batch on every rank; each takes its share.

@@ -21,6 +21,7 @@ including one without ``torchrun`` (then the model is not sharded).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import torch
@@ -58,6 +59,8 @@ def main() -> None:
     if args.resume:
         load_checkpoint(args.resume, optimizer, model=model)
     start = optimizer.metrics()["step"]
+    if args.resume and rank == 0:
+        print(f"resumed from {args.resume} after step {start}")
 
     for step in range(start, args.steps):
         # The same global mini-batch on every rank; each takes its share.
@@ -80,6 +83,11 @@ def main() -> None:
     if rank == 0:
         print(f"after step {args.steps}: full-data loss {loss:.4e}")
     if sharded:
+        # fully_shard's modules hold the process group in reference cycles. Freed here,
+        # the group's gloo threads end now; left to interpreter exit, with torch 2.13 a
+        # rank can abort there ("terminate called without an active exception").
+        del model, optimizer
+        gc.collect()
         dist.destroy_process_group()
 
 

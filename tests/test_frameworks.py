@@ -7,29 +7,19 @@ Skipped where the frameworks are not installed (``pip install -e ".[dev]"`` has 
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.launch import ROOT, torchrun
+
+FRAMEWORKS = ROOT / "tests" / "frameworks"
 
 
-def _torchrun(script: str, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]), "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         f"--master_port={port}", str(ROOT / "tests" / "frameworks" / script), *args],
-        env=env, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+def _torchrun(script: str, *args: str) -> subprocess.CompletedProcess:
+    return torchrun(FRAMEWORKS / script, *args)
 
 
 def _same(path: Path) -> bool:
