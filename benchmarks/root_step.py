@@ -101,9 +101,9 @@ def run(tree: Path, workloads: str, options: str, child: str) -> dict:
 
 
 def measure(args: argparse.Namespace, workloads: str, child: str, spread: bool
-            ) -> tuple[list[tuple[str, str, int, dict]], dict[tuple[str, int], float]]:
-    """Every variant's numbers per workload and repetition, variants in turn, and the
-    baseline's root time per (workload, repetition)."""
+            ) -> list[tuple[str, str, int, dict, str]]:
+    """Every variant's numbers per workload and repetition, variants in turn, each with
+    its root time over the baseline's of that workload and repetition ("-" without)."""
     variants = ([("baseline", args.baseline, "{}")] if args.baseline else []) + [
         ("now", HERE, "{}"), ("now, float64 roots", HERE, "{'root_dtype': torch.float64}")]
     if spread:
@@ -114,7 +114,9 @@ def measure(args: argparse.Namespace, workloads: str, child: str, spread: bool
             for name, r in run(tree, workloads, options, child).items():
                 rows.append((name, label, repeat, r))
     base = {(n, rep): r["root"] for n, label, rep, r in rows if label == "baseline"}
-    return sorted(rows, key=lambda row: (row[0], row[2])), base
+    return [(name, label, rep, r,
+             f"{r['root'] / base[(name, rep)]:.2f}" if (name, rep) in base else "-")
+            for name, label, rep, r in sorted(rows, key=lambda row: (row[0], row[2]))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,24 +129,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.training:
         return training(args)
-    rows, base = measure(args, args.workloads, CHILD, spread=True)
+    rows = measure(args, args.workloads, CHILD, spread=True)
     print("| workload | variant | run | root step ms | / baseline | max step ms | plain ms | "
           "mean 21..80 ms |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name, label, rep, r in rows:
-        ratio = f"{r['root'] / base[(name, rep)]:.2f}" if (name, rep) in base else "-"
+    for name, label, rep, r, ratio in rows:
         print(f"| {name} | {label} | {rep + 1} | {r['root']:.0f} | {ratio} | {r['max']:.0f} | "
               f"{r['plain']:.1f} | {r['mean']:.1f} |")
     return 0
 
 
 def training(args: argparse.Namespace) -> int:
-    rows, base = measure(args, args.training, TRAINING_CHILD, spread=False)
+    rows = measure(args, args.training, TRAINING_CHILD, spread=False)
     print("| workload | variant | run | root steps | their total CPU ms | / baseline | "
           "mean step ms |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    for name, label, rep, r in rows:
-        ratio = f"{r['root'] / base[(name, rep)]:.2f}" if (name, rep) in base else "-"
+    for name, label, rep, r, ratio in rows:
         print(f"| {name} | {label} | {rep + 1} | {r['root_steps']} | {r['root']:.0f} | {ratio} | "
               f"{r['mean']:.1f} |")
     return 0
