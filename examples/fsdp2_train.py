@@ -50,10 +50,7 @@ def main() -> None:
     inputs, targets = make_problem(seed=0)
     model = make_model(seed=1)
     if sharded:
-        for layer in model.modules():  # each Linear its own FSDP unit, then the root
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer)
-        fully_shard(model)
+        shard(model)
     # Built after fully_shard: the optimizer must see the sharded (DTensor) parameters.
     optimizer = Shampoo(model.parameters(), lr=3e-2, block_size=32, precondition_frequency=10)
     if args.resume:
@@ -83,12 +80,34 @@ def main() -> None:
     if rank == 0:
         print(f"after step {args.steps}: full-data loss {loss:.4e}")
     if sharded:
-        # fully_shard's modules hold the process group in reference cycles. Freed here,
-        # the group's gloo threads end now; left to interpreter exit, with torch 2.13 a
-        # rank can abort there ("terminate called without an active exception").
         del model, optimizer
-        gc.collect()
-        dist.destroy_process_group()
+        end_process_group()
+
+
+def shard(model: torch.nn.Module) -> None:
+    """Each Linear its own FSDP unit, then the root. (A function of its own: a loop
+    variable left in main() would keep a layer, and with it the process group, alive.)"""
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+
+
+def end_process_group() -> None:
+    """Destroys the process group once nothing else holds it, so that its gloo threads
+    end here. Left alive to interpreter exit, with torch 2.13 a rank can abort there
+    ("terminate called without an active exception")."""
+    # DTensor's sharding-propagation cache keeps the device mesh, and with it the group,
+    # alive (a private helper clears it; skipped where a torch lacks it); fully_shard's
+    # modules hold the group in reference cycles until collected.
+    try:
+        from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+    except ImportError:
+        pass
+    else:
+        _clear_sharding_prop_cache()
+    gc.collect()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
