@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 import torch
 
+from .matrix_functions import DEFAULT_CHECK_TOLERANCE
+
 GRAFTING_METHODS = ("none", "sgd", "adagrad", "rmsprop", "adam")
 ROOT_METHODS = ("eigh", "newton")
 PRECONDITIONERS = ("shampoo", "eigenvalue_corrected")
@@ -273,7 +275,7 @@ class ShampooConfig:
     grafting_epsilon: float = 1e-8
     root_method: str = "eigh"
     root_dtype: torch.dtype | None = None
-    root_check_tolerance: float = 1e-4
+    root_check_tolerance: float = DEFAULT_CHECK_TOLERANCE
     factor_dtype: torch.dtype = torch.float64
     exponent_multiplier: float = 1.0
     nesterov: bool = False
